@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from densekit.serve.atomic import atomic_path, write_text_atomic
+from densekit.serve.contract import ModelMeta
+from densekit.serve.errors import DensekitError
+
+
+def test_meta_round_trips_through_json() -> None:
+    meta = ModelMeta(name="resnet18", stride=8, dim=256, arch={"decoder": True}, objective="poodle")
+    back = ModelMeta.from_json(meta.to_json())
+    assert back == meta
+    assert isinstance(back.mean, tuple) and back.arch == {"decoder": True}
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"name": "x", "dim": 3}'])
+def test_bad_meta_is_a_clear_error(text: str) -> None:
+    with pytest.raises(DensekitError):
+        ModelMeta.from_json(text)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path) -> None:
+    dest = tmp_path / "out.txt"
+    write_text_atomic(dest, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert dest.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
