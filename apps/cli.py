@@ -99,7 +99,7 @@ def _propagate_to_dir(propagator, video, first_mask, out_dir: Path, progress, de
 def data_sample(
     out: Annotated[Path, typer.Argument(help="Folder to create (DAVIS-2017 layout).")],
     sequences: Annotated[int, typer.Option(min=1, help="Number of video sequences.")] = 6,
-    frames: Annotated[int, typer.Option(min=2, help="Frames per sequence.")] = 24,
+    frames: Annotated[int, typer.Option(min=4, help="Frames per sequence.")] = 24,
     height: Annotated[int, typer.Option(min=32, help="Frame height in pixels.")] = 240,
     width: Annotated[int, typer.Option(min=32, help="Frame width in pixels.")] = 432,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same dataset.")] = 0,
