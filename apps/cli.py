@@ -180,11 +180,12 @@ def eval_davis(
             _propagate_to_dir(
                 propagator, open_video(frames_dir), davis.first_mask(seq), out / seq, progress, seq
             )
-    result = evaluate_davis(davis, out, split=split, sequences=names)
+    result = evaluate_davis(root, out, split=split, sequences=names)
     split_name = split or "all"
     write_csvs(result, out, split_name)
     plot_per_sequence(result, out / f"per-sequence_results-{split_name}.png")
-    typer.echo(format_table(result, title=f"{backbone} ({preset}) on {root}"))
+    typer.echo(f"{backbone} ({preset} preset) on {root}, split {split_name}")
+    typer.echo(format_table(result))
     typer.echo(f"masks, CSVs and chart in {out}")
 
 
