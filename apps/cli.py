@@ -47,7 +47,7 @@ def _propagation_config(
         raise DensekitError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     overrides = {
         k: v
-        for k, v in {"n_context": n_context, "topk": topk, "radius": radius, "temperature": temperature}.items()
+        for k, v in {"n_last": n_context, "topk": topk, "radius": radius, "temperature": temperature}.items()
         if v is not None
     }
     return make_preset(preset, **overrides)

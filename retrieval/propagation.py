@@ -1,0 +1,687 @@
+"""Semi-supervised video object segmentation by label propagation over frozen dense features.
+
+The protocol is the one of CRW / "STC" (Jabri et al., NeurIPS 2020, ``ajabri/videowalk``) that DINO
+(Caron et al., ICCV 2021, ``facebookresearch/dino: eval_video_segmentation.py``) follows: a target frame's
+soft label map is a weighted average of context labels, where the context is the first frame (with its
+given mask) plus the ``n_last`` most recent frames (with their *predicted soft* maps). For each target
+position:
+
+1. cosine affinity ``s`` (features are L2-normalised) against every candidate position of every context
+   frame; candidates of a windowed context frame are restricted to a spatial neighbourhood of the
+   query position on the feature grid (positions outside the image are excluded, never zero-scored);
+2. the top-k candidates are taken **jointly** over all context frames (k in total, not per frame);
+3. weights ``exp(s / T)`` renormalised over those k (== softmax over the top-k at temperature T);
+4. the soft label is the weighted sum of the candidates' soft labels.
+
+Two implementations share steps 3-4 and this module's tie rule:
+
+* :func:`propagate_step_dense` - the straightforward all-pairs version, as the references do it: a dense
+  ``hw x (n_context * hw)`` affinity with the windows applied as masks. Memory grows with ``(h*w)^2`` per
+  context frame (DINO's reference: ~1.25 GB per such tensor at 480p, stride 8, 8 contexts). Kept as the
+  reference for tests and ``benchmarks/propagation.py``.
+* :func:`propagate_step` - the fast one. Windowed context frames are scored only over local windows: the
+  target grid is cut into ``tile x tile`` query tiles, and each tile is matched (one small GEMM) against
+  the ``(tile + 2r)^2`` band of the context frame around it; per context frame a top-k is taken and the
+  per-frame top-ks are merged into the joint top-k (exact: the top-k of a union is the top-k of the
+  union of per-part top-ks under one total order). Unwindowed frames (CRW's first frame) are scored
+  fully but in chunks of query rows, so memory stays bounded for any grid size.
+
+**Tie rule** (both implementations): candidates are ranked by score descending and, among equal scores,
+by their position in the concatenated candidate list ``[context 0 positions, context 1 positions, ...]``
+with positions in raster order (``y * w + x``) - i.e. the lower ``(context index, y, x)`` wins. Exactly
+k candidates are kept (DINO's reference keeps every candidate tied with the k-th value). The scores of
+the k kept candidates are then recomputed in float64 for the weights, and summed in candidate-index
+order, so both implementations give the same soft labels whenever they keep the same candidates (the
+float32 scores used for the *selection* come from differently shaped GEMMs, so a near-tie at the
+k-boundary within float32 rounding could in principle still differ).
+
+Presets (:data:`PRESETS`, :func:`preset`):
+
+* ``dino``: ``n_last=7, topk=5, radius=12`` as a square ``(2r+1)^2`` window on every context frame
+  including the first, ``temperature=0.1`` (hard-coded in DINO's script); frames resized so the shorter
+  side is 480 and the longer side is floored to a multiple of 64 (DINO's ``read_frame``); the first mask is
+  resized to the feature grid by nearest neighbour (PIL-style pixel centres, DINO's ``read_seg``); output:
+  bilinear upsampling by the stride, per-channel min-max ``norm_mask``, argmax, nearest resize to the
+  original size.
+* ``crw``: ``n_last=20, topk=10, radius=12`` as Euclidean distance ``< r`` on the short-term frames only
+  (not on the first frame), ``temperature=0.05`` (videowalk README's DAVIS command); native resolution
+  floored to the input multiple (videowalk keeps 854 px and gets ceil(854/8) = 107 columns; here the
+  extractor needs a multiple, so 848 px -> 106); the first mask is one-hot and resized bilinearly (soft)
+  to the feature grid (videowalk ``data/vos.py``: ``cv2.resize(onehot, ..., INTER_LINEAR)``, which is
+  torch's ``bilinear, align_corners=False`` without antialiasing); output: bilinear resize to the image
+  and argmax. Like videowalk's ``make_paths`` (which pads the
+  video with ``videoLen`` copies of frame 0), the short-term queue starts filled with copies of the first
+  frame (``pad_with_first``).
+
+:class:`MaskPropagator` is the streaming API (``start`` / ``step`` / ``reset_mask`` / ``stream``) around a
+feature extractor (``densekit.serve.extractor.FeatureExtractor`` or anything with the same protocol).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from densekit.serve.errors import DensekitError
+
+__all__ = [
+    "PRESETS",
+    "MaskPropagator",
+    "PropagationConfig",
+    "preset",
+    "processing_size",
+    "propagate_step",
+    "propagate_step_dense",
+]
+
+_NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Every knob of the propagation; the defaults are DINO's (see :data:`PRESETS`).
+
+    Attributes:
+        n_last: number of most recent frames kept as short-term context (besides the first frame).
+        topk: candidates kept per target position, jointly over all context frames.
+        temperature: softmax temperature T; weights are ``exp(s / T)`` renormalised over the top-k.
+        radius: spatial radius on the feature grid in cells; ``None`` or ``<= 0`` means no restriction.
+        window: ``"square"`` (Chebyshev distance ``<= radius``, a ``(2r+1)^2`` window, DINO) or
+            ``"euclidean"`` (``dy^2 + dx^2 < radius^2``, CRW).
+        window_first: whether the window also restricts the first frame (DINO: yes, CRW: no).
+        resize: ``"dino"`` (shorter side -> ``short_side``, longer side floored to ``long_multiple``) or
+            ``"native"`` (original size); both are then floored to the extractor's input multiple.
+        short_side: target shorter side for ``resize="dino"``.
+        long_multiple: the longer side is floored to a multiple of this for ``resize="dino"``.
+        mask_downsample: first mask to the feature grid: ``"nearest"`` (ids, then one-hot) or
+            ``"bilinear"`` (one-hot, then soft bilinear).
+        output: ``"dino"`` (bilinear x stride, ``norm_mask``, argmax, nearest to the original size) or
+            ``"crw"`` (bilinear to the original size, argmax).
+        pad_with_first: start the short-term queue filled with ``n_last`` copies of the first frame.
+        tile: query tile side of the fast window path (speed only; results do not depend on it).
+        chunk_elems: bound on the number of float32 scores held at once by the fast path (memory only).
+    """
+
+    n_last: int = 7
+    topk: int = 5
+    temperature: float = 0.1
+    radius: float | None = 12
+    window: Literal["square", "euclidean"] = "square"
+    window_first: bool = True
+    resize: Literal["dino", "native"] = "dino"
+    short_side: int = 480
+    long_multiple: int = 64
+    mask_downsample: Literal["nearest", "bilinear"] = "nearest"
+    output: Literal["dino", "crw"] = "dino"
+    pad_with_first: bool = False
+    tile: int = 8
+    chunk_elems: int = 7_000_000
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> DensekitError:
+            return DensekitError(f"invalid propagation config: {msg}")
+
+        if int(self.n_last) != self.n_last or self.n_last < 0:
+            raise bad(f"n_last must be an integer >= 0, got {self.n_last!r}")
+        if int(self.topk) != self.topk or self.topk < 1:
+            raise bad(f"topk must be an integer >= 1, got {self.topk!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise bad(f"temperature must be > 0, got {self.temperature!r}")
+        if self.radius is not None and not isinstance(self.radius, (int, float)):
+            raise bad(f"radius must be a number or None, got {self.radius!r}")
+        choices = {
+            "window": ("square", "euclidean"),
+            "resize": ("dino", "native"),
+            "mask_downsample": ("nearest", "bilinear"),
+            "output": ("dino", "crw"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.short_side < 1 or self.long_multiple < 1:
+            raise bad("short_side and long_multiple must be >= 1")
+        if self.tile < 1 or self.chunk_elems < 1:
+            raise bad("tile and chunk_elems must be >= 1")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether a spatial radius applies at all."""
+        return self.radius is not None and self.radius > 0
+
+
+PRESETS: dict[str, PropagationConfig] = {
+    # DINO eval_video_segmentation.py defaults (n_last_frames 7, topk 5, size_mask_neighborhood 12, T 0.1).
+    "dino": PropagationConfig(),
+    # videowalk README DAVIS command: --topk 10 --videoLen 20 --radius 12 --temperature 0.05 --cropSize -1.
+    "crw": PropagationConfig(
+        n_last=20,
+        topk=10,
+        temperature=0.05,
+        radius=12,
+        window="euclidean",
+        window_first=False,
+        resize="native",
+        mask_downsample="bilinear",
+        output="crw",
+        pad_with_first=True,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> PropagationConfig:
+    """A preset config (``"dino"`` or ``"crw"``) with any field overridden, e.g. ``preset("crw", topk=5)``."""
+    if name not in PRESETS:
+        raise DensekitError(f"unknown propagation preset {name!r}; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(PropagationConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise DensekitError(f"unknown propagation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return replace(PRESETS[name], **overrides)
+
+
+def _as_config(config: PropagationConfig | str) -> PropagationConfig:
+    return preset(config) if isinstance(config, str) else config
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared pieces of both implementations
+
+
+def _windowed_flags(n_context: int, config: PropagationConfig) -> list[bool]:
+    """Which context frames (index 0 = first frame) are restricted to a window."""
+    return [config.windowed and (i > 0 or config.window_first) for i in range(n_context)]
+
+
+def _allowed(dy: torch.Tensor, dx: torch.Tensor, config: PropagationConfig) -> torch.Tensor:
+    """Whether an offset (source - query, in feature cells) lies inside the window (bool, broadcast)."""
+    r = float(config.radius)  # type: ignore[arg-type]
+    if config.window == "square":
+        return (dy.abs() <= r) & (dx.abs() <= r)
+    return (dy * dy + dx * dx) < r * r
+
+
+def _window_extent(config: PropagationConfig, h: int, w: int) -> tuple[int, int]:
+    """Largest |dy|, |dx| that can be allowed, clamped to the grid (offsets beyond it never exist)."""
+    r = float(config.radius)  # type: ignore[arg-type]
+    reach = math.floor(r)
+    if config.window == "euclidean" and reach * reach >= r * r:
+        reach -= 1  # strict inequality: an integer radius excludes the offset at exactly r
+    return max(0, min(reach, h - 1)), max(0, min(reach, w - 1))
+
+
+def _topk_ordered(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim of a 2-D tensor under the total order (value desc, index asc).
+
+    ``torch.topk`` does not define which of several equal values it returns. One extra value is fetched:
+    a row whose (k+1)-th value equals its k-th has a tie across the boundary and is redone with a stable
+    descending sort (rare for real-valued features, common for flat synthetic ones). Rows whose k-th
+    value is ``-inf`` are left alone: those candidates get zero weight whichever is picked.
+    """
+    n = x.shape[1]
+    vals, idx = torch.topk(x, min(k + 1, n), dim=-1)
+    if vals.shape[1] <= k:
+        return vals, idx
+    tied = (vals[:, k] == vals[:, k - 1]) & torch.isfinite(vals[:, k - 1])
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    rows = tied.nonzero().flatten()
+    step = max(1, (1 << 22) // max(1, n))
+    for start in range(0, rows.numel(), step):
+        r = rows[start : start + step]
+        sv, si = torch.sort(x[r], dim=-1, descending=True, stable=True)
+        vals[r] = sv[:, :k]
+        idx[r] = si[:, :k]
+    return vals, idx
+
+
+def _merge_topk(vals: torch.Tensor, gidx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint top-k of concatenated per-part top-ks, same total order as :func:`_topk_ordered`."""
+    gidx, order = torch.sort(gidx, dim=-1, stable=True)
+    vals = vals.gather(-1, order)
+    vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
+    k = min(k, vals.shape[1])
+    return vals[:, :k], gidx.gather(-1, order[:, :k])
+
+
+def _aggregate(
+    queries: torch.Tensor,
+    vals: torch.Tensor,
+    gidx: torch.Tensor,
+    ctx_rows: Sequence[torch.Tensor],
+    labels_flat: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Softmax-weighted label average over the kept candidates.
+
+    Args:
+        queries: (Q, D) target features. vals: (Q, k) float32 scores of the kept candidates (``-inf`` =
+            excluded). gidx: (Q, k) indices into the flattened context (``context * hw + y * w + x``).
+        ctx_rows: per context frame, its (hw, D) features. labels_flat: (m*hw, C) context soft labels.
+
+    Returns:
+        (Q, C) float32 soft labels. Scores are recomputed in float64 and summed in index order so that
+        any two selections of the same candidates give the same result bit for bit.
+    """
+    valid = torch.isfinite(vals)
+    gidx = torch.where(valid, gidx, torch.zeros_like(gidx))
+    gidx, order = torch.sort(gidx, dim=-1, stable=True)
+    valid = valid.gather(-1, order)
+    out = torch.empty(queries.shape[0], labels_flat.shape[1], dtype=torch.float32)
+    hw, D = ctx_rows[0].shape
+    # Small chunks keep every temporary far below glibc's mmap threshold, so memory is reused rather
+    # than page-faulted in afresh on each call.
+    step = 1024
+    for s in range(0, queries.shape[0], step):
+        g, ok = gidx[s : s + step], valid[s : s + step]
+        q = queries[s : s + step].double()
+        # Gather candidate features context by context (entries grouped by context with one sort).
+        flat = g.reshape(-1)
+        ctx_sorted, order = torch.sort(torch.div(flat, hw, rounding_mode="floor"), stable=True)
+        pos_sorted = flat[order] - ctx_sorted * hw
+        counts = torch.bincount(ctx_sorted, minlength=len(ctx_rows)).tolist()
+        f_sorted = torch.empty(flat.shape[0], D)
+        start = 0
+        for rows, n in zip(ctx_rows, counts):
+            if n:
+                torch.index_select(rows, 0, pos_sorted[start : start + n], out=f_sorted[start : start + n])
+                start += n
+        f = torch.empty_like(f_sorted).index_copy_(0, order, f_sorted).view(g.shape[0], g.shape[1], D)
+        score = torch.bmm(f.double(), q[:, :, None])[..., 0]  # (q, k)
+        score = score.masked_fill(~ok, _NEG_INF)
+        top = score.max(-1, keepdim=True).values
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weight = torch.exp((score - top) / temperature)
+        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
+        out[s : s + step] = (weight[..., None] * labels_flat[g].double()).sum(1).float()
+    return out
+
+
+def _check_step_inputs(
+    target: torch.Tensor, ctx_feats: Sequence[torch.Tensor], ctx_labels: Sequence[torch.Tensor]
+) -> tuple[int, int, int, int]:
+    if target.dim() != 3:
+        raise DensekitError(f"target features must be (D, h, w), got shape {tuple(target.shape)}")
+    if not ctx_feats or len(ctx_feats) != len(ctx_labels):
+        raise DensekitError("need at least one context frame, with one label map per context feature map")
+    D, h, w = target.shape
+    C = ctx_labels[0].shape[0]
+    for f, lab in zip(ctx_feats, ctx_labels):
+        if tuple(f.shape) != (D, h, w) or lab.dim() != 3 or tuple(lab.shape) != (C, h, w):
+            raise DensekitError(
+                f"context shapes {tuple(f.shape)}/{tuple(lab.shape)} do not match target {(D, h, w)} / C={C}"
+            )
+    return D, h, w, C
+
+
+# ----------------------------------------------------------------------------------------------------
+# the two implementations
+
+
+@torch.inference_mode()
+def propagate_step_dense(
+    target: torch.Tensor,
+    ctx_feats: Sequence[torch.Tensor],
+    ctx_labels: Sequence[torch.Tensor],
+    config: PropagationConfig | str = "dino",
+) -> torch.Tensor:
+    """All-pairs reference: dense affinity of every target position with every context position.
+
+    Args:
+        target: (D, h, w) L2-normalised target features.
+        ctx_feats: context features, each (D, h, w); index 0 is the first frame (the long-term memory,
+            windowed only if ``config.window_first``), the rest are short-term frames.
+        ctx_labels: matching soft label maps, each (C, h, w).
+        config: a :class:`PropagationConfig` or preset name.
+
+    Returns:
+        (C, h, w) float32 soft labels of the target.
+
+    Memory: one ``(h*w) x (m*h*w)`` float32 tensor plus an ``(h*w)^2`` window mask, as in the references.
+    """
+    cfg = _as_config(config)
+    D, h, w, C = _check_step_inputs(target, ctx_feats, ctx_labels)
+    hw, m = h * w, len(ctx_feats)
+    flags = _windowed_flags(m, cfg)
+    queries = target.float().reshape(D, hw).T.contiguous()
+    blocked = None
+    if any(flags):
+        ys, xs = torch.arange(h), torch.arange(w)
+        dy = (ys[None, :] - ys[:, None])[:, None, :, None]  # (query y, 1, source y, 1)
+        dx = (xs[None, :] - xs[:, None])[None, :, None, :]
+        blocked = ~_allowed(dy, dx, cfg).reshape(hw, hw)
+    affinity = torch.empty(hw, m * hw)
+    for i, (feat, windowed) in enumerate(zip(ctx_feats, flags)):
+        block = affinity[:, i * hw : (i + 1) * hw]
+        block.copy_(queries @ feat.float().reshape(D, hw))
+        if windowed:
+            block.masked_fill_(blocked, _NEG_INF)
+    vals, idx = _topk_ordered(affinity, min(cfg.topk, m * hw))
+    del affinity
+    labels_flat = torch.stack([lab.float() for lab in ctx_labels]).permute(0, 2, 3, 1).reshape(m * hw, C)
+    ctx_rows = [f.float().reshape(D, hw).T for f in ctx_feats]
+    out = _aggregate(queries, vals, idx, ctx_rows, labels_flat, cfg.temperature)
+    return out.T.reshape(C, h, w).contiguous()
+
+
+@torch.inference_mode()
+def propagate_step(
+    target: torch.Tensor,
+    ctx_feats: Sequence[torch.Tensor],
+    ctx_labels: Sequence[torch.Tensor],
+    config: PropagationConfig | str = "dino",
+) -> torch.Tensor:
+    """Fast local-window propagation; same arguments and result as :func:`propagate_step_dense`.
+
+    Windowed context frames are scored tile by tile: a ``t x t`` tile of target positions against the
+    ``(t + 2Ry) x (t + 2Rx)`` band of the context frame around it (one batched GEMM per row of tiles),
+    entries outside each position's window or outside the image set to ``-inf``; unwindowed frames are
+    scored fully. Each context frame yields its own top-k, merged at the end into the joint top-k. Work
+    runs in chunks so that about ``config.chunk_elems`` scores exist at once - never an ``(h*w)^2`` tensor.
+    """
+    cfg = _as_config(config)
+    D, h, w, C = _check_step_inputs(target, ctx_feats, ctx_labels)
+    hw, m, k, T = h * w, len(ctx_feats), cfg.topk, cfg.tile
+    flags = _windowed_flags(m, cfg)
+    nty, ntx = -(-h // T), -(-w // T)
+    Hq, Wq = nty * T, ntx * T
+    TT = T * T
+    Q = ntx * nty * TT
+
+    # Context frames channels-last, (hw, D) each. Separate tensors rather than one stack: every
+    # temporary here stays below glibc's mmap threshold (32 MB), so its pages are reused from call to
+    # call instead of being faulted in again (that alone used to cost as much as the GEMMs).
+    ctx_cl = [f.float().permute(1, 2, 0).reshape(hw, D).contiguous() for f in ctx_feats]
+    labels_flat = torch.stack([lab.float() for lab in ctx_labels]).permute(0, 2, 3, 1).reshape(m * hw, C)
+    # Queries padded to whole tiles, ordered (tile row, tile column, position in tile). Edge replication
+    # rather than zeros: zero queries would tie with everything and send their rows to the slow
+    # tie-breaking path (their results are cropped away anyway).
+    qpad = target.float()
+    if (Hq, Wq) != (h, w):
+        qpad = F.pad(qpad[None], (0, Wq - w, 0, Hq - h), mode="replicate")[0]
+    qtiles = qpad.permute(1, 2, 0).reshape(nty, T, ntx, T, D).permute(0, 2, 1, 3, 4).contiguous().view(nty, ntx, TT, D)
+    del qpad
+
+    part_vals: list[torch.Tensor] = []
+    part_idx: list[torch.Tensor] = []
+    if any(flags):
+        Ry, Rx = _window_extent(cfg, h, w)
+        By, Bx = T + 2 * Ry, T + 2 * Rx
+        band_n = By * Bx
+        kb = min(k, band_n)
+        # Window geometry relative to a tile: query (a, b) in the tile, band cell (u, v).
+        pa, pb = torch.arange(TT) // T, torch.arange(TT) % T
+        bu, bv = torch.arange(band_n) // Bx, torch.arange(band_n) % Bx
+        allowed_rel = _allowed((bu[None, :] - Ry) - pa[:, None], (bv[None, :] - Rx) - pb[:, None], cfg)
+        by_scores = cfg.chunk_elems // (ntx * TT * band_n)
+        by_strips = (cfg.chunk_elems // (ntx * Bx * D) - 2 * Ry) // T
+        rows_per_chunk = max(1, min(nty, by_scores, by_strips))
+        Hp, Wp = Hq + 2 * Ry, Wq + 2 * Rx
+        padded = torch.zeros(Hp, Wp, D)
+        # Buffers reused for every context frame and chunk (flat, viewed at the chunk's size).
+        strips_buf = torch.empty(ntx * (rows_per_chunk * T + 2 * Ry) * Bx * D)
+        scores_buf = torch.empty(ntx * rows_per_chunk * TT * band_n)
+        # Per chunk of tile rows: source row/column of every band cell, and the cells a query may not
+        # use (outside its window or outside the image) - the same for every context frame.
+        geometry = []
+        for ty0 in range(0, nty, rows_per_chunk):
+            ty1 = min(nty, ty0 + rows_per_chunk)
+            sy = torch.arange(ty0, ty1)[:, None] * T - Ry + bu[None, :]  # (nr, band)
+            sx = torch.arange(ntx)[:, None] * T - Rx + bv[None, :]  # (ntx, band)
+            inside = ((sy >= 0) & (sy < h))[:, None, None, :] & ((sx >= 0) & (sx < w))[None, :, None, :]
+            geometry.append((ty0, ty1, sy, sx, ~(inside & allowed_rel[None, None])))
+    for i, windowed in enumerate(flags):
+        if not windowed:
+            continue
+        padded[Ry : Ry + h, Rx : Rx + w] = ctx_cl[i].view(h, w, D)
+        vals_i = torch.empty(nty, ntx, TT, kb)
+        idx_i = torch.empty(nty, ntx, TT, kb, dtype=torch.long)
+        for ty0, ty1, sy, sx, blocked in geometry:
+            nr = ty1 - ty0
+            rows = nr * T + 2 * Ry
+            # Column strips (one per tile column) make every tile's band a contiguous (band, D) block.
+            strips = strips_buf[: ntx * rows * Bx * D].view(ntx, rows, Bx, D)
+            strips.copy_(padded.as_strided((ntx, rows, Bx, D), (T * D, Wp * D, D, 1), ty0 * T * Wp * D))
+            scores = scores_buf[: nr * ntx * TT * band_n].view(nr, ntx, TT, band_n)
+            for r in range(nr):
+                # Bands of one tile row, all tile columns at once (uniform batch stride in the strips).
+                band = strips.as_strided((ntx, band_n, D), (rows * Bx * D, D, 1), r * T * Bx * D)
+                torch.bmm(qtiles[ty0 + r], band.transpose(1, 2), out=scores[r])
+            scores.masked_fill_(blocked, _NEG_INF)
+            vals, j = _topk_ordered(scores.view(-1, band_n), kb)
+            j = j.view(nr, ntx, TT, kb)
+            src_y = sy.gather(1, j.reshape(nr, -1)).view(nr, ntx, TT, kb)
+            src_x = sx.gather(1, j.permute(1, 0, 2, 3).reshape(ntx, -1)).view(ntx, nr, TT, kb).permute(1, 0, 2, 3)
+            # Out-of-image cells only ever come with -inf scores (zero weight); clamp keeps them indexable.
+            idx_i[ty0:ty1] = (src_y * w + src_x).clamp_(0, hw - 1) + i * hw
+            vals_i[ty0:ty1] = vals.view(nr, ntx, TT, kb)
+        part_vals.append(vals_i.view(Q, kb))
+        part_idx.append(idx_i.view(Q, kb))
+    if not all(flags):
+        # Unwindowed frames: all of the frame for every real query (no tile padding), in query chunks.
+        q_real = target.float().permute(1, 2, 0).reshape(hw, D)
+        step = max(1, cfg.chunk_elems // hw)
+        kf = min(k, hw)
+        for i, windowed in enumerate(flags):
+            if windowed:
+                continue
+            vals_i = torch.full((Hq, Wq, kf), _NEG_INF)
+            idx_i = torch.zeros(Hq, Wq, kf, dtype=torch.long)
+            vals_r, idx_r = torch.empty(hw, kf), torch.empty(hw, kf, dtype=torch.long)
+            for s in range(0, hw, step):
+                vals_r[s : s + step], idx_r[s : s + step] = _topk_ordered(q_real[s : s + step] @ ctx_cl[i].T, kf)
+            vals_i[:h, :w] = vals_r.view(h, w, kf)
+            idx_i[:h, :w] = idx_r.view(h, w, kf) + i * hw
+            part_vals.append(vals_i.view(nty, T, ntx, T, kf).permute(0, 2, 1, 3, 4).reshape(Q, kf))
+            part_idx.append(idx_i.view(nty, T, ntx, T, kf).permute(0, 2, 1, 3, 4).reshape(Q, kf))
+
+    vals, gidx = _merge_topk(torch.cat(part_vals, 1), torch.cat(part_idx, 1), k)
+    out = _aggregate(qtiles.view(Q, D), vals, gidx, ctx_cl, labels_flat, cfg.temperature)
+    out = out.view(nty, ntx, T, T, C).permute(4, 0, 2, 1, 3).reshape(C, Hq, Wq)
+    return out[:, :h, :w].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# streaming API
+
+
+class _Meta(Protocol):
+    stride: int
+    input_multiple: int
+
+
+class FeatureExtractorLike(Protocol):
+    """What :class:`MaskPropagator` needs from an extractor (``densekit.serve.extractor.FeatureExtractor``)."""
+
+    meta: _Meta
+
+    def __call__(self, frame: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (D, h, w) float32, L2-normalised over D, after resizing to ``size``."""
+        ...
+
+
+def processing_size(height: int, width: int, config: PropagationConfig, multiple: int = 1) -> tuple[int, int]:
+    """Size (H', W') a frame of (height, width) is resized to before feature extraction.
+
+    ``resize="dino"`` mirrors DINO's ``read_frame``: if the frame is taller than wide, width ->
+    ``short_side`` and height scaled then floored to ``long_multiple``; otherwise (also for square frames)
+    height -> ``short_side`` and width scaled and floored. Both sides are then floored to ``multiple``
+    (the extractor's input multiple). ``"native"`` keeps the size, floored to ``multiple``.
+    """
+    if config.resize == "dino":
+        s, lm = config.short_side, config.long_multiple
+        if height > width:
+            new_w, new_h = s, int((s * height / width) // lm * lm)
+        else:
+            new_h, new_w = s, int((s * width / height) // lm * lm)
+    else:
+        new_h, new_w = height, width
+    new_h, new_w = new_h // multiple * multiple, new_w // multiple * multiple
+    if new_h < 1 or new_w < 1:
+        raise DensekitError(f"frame of {height}x{width} is too small for this model (multiple of {multiple} needed)")
+    return new_h, new_w
+
+
+class MaskPropagator:
+    """Propagate a first-frame object mask through a video, frame by frame.
+
+    Usage::
+
+        prop = MaskPropagator(FeatureExtractor("resnet18"), "crw")
+        for mask in prop.stream(frames, first_mask):   # one (H, W) uint8 mask per frame
+            ...
+
+    or drive it yourself: ``start(frame, mask)`` then ``step(frame)`` per later frame, and
+    ``reset_mask(frame, mask)`` to correct the mask on any frame. A corrected frame **replaces** the
+    first-frame (long-term) reference and the short-term queue is cleared (refilled with copies of it if
+    ``pad_with_first``): propagation continues exactly as if the video started at that frame, so stale
+    predictions made before the correction are not reused.
+
+    Masks hold object ids: 0 is background, 255 is void (treated as background), any other values are
+    objects (need not be consecutive; they are mapped to channels and back). Output masks contain only 0
+    and the ids of the latest reference mask.
+    """
+
+    def __init__(self, extractor: FeatureExtractorLike, config: PropagationConfig | str = "dino") -> None:
+        self.extractor = extractor
+        self.config = _as_config(config)
+        self._stride = int(extractor.meta.stride)
+        self._multiple = int(getattr(extractor.meta, "input_multiple", 1) or 1)
+        self._frame_size: tuple[int, int] | None = None
+        self._proc_size: tuple[int, int] = (0, 0)
+        self._ids = np.zeros(1, np.uint8)
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._queue: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=max(self.config.n_last, 0) or None)
+        self.last_soft: torch.Tensor | None = None  # (C, h, w) soft labels of the latest step
+
+    @property
+    def object_ids(self) -> list[int]:
+        """Object ids being tracked, in channel order (channel 0 = background is not listed)."""
+        return [int(v) for v in self._ids[1:]]
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_frame(frame: np.ndarray) -> None:
+        if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            desc = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise DensekitError(f"frames must be (H, W, 3) uint8 RGB arrays, got {desc}")
+
+    def _features(self, frame: np.ndarray) -> torch.Tensor:
+        feats = np.asarray(self.extractor(frame, size=self._proc_size), dtype=np.float32)
+        if feats.ndim != 3:
+            raise DensekitError(f"the feature extractor returned shape {feats.shape}, expected (D, h, w)")
+        # Cosine affinity needs unit vectors; re-normalising is a no-op for a conforming extractor.
+        if not feats.flags.writeable or not feats.flags.c_contiguous:
+            feats = np.array(feats, order="C")
+        return F.normalize(torch.from_numpy(feats), dim=0)
+
+    def _labels_from_mask(self, mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+        """(C, h, w) float32 first-frame labels at feature resolution; sets the id <-> channel map."""
+        values = np.unique(mask)
+        objects = values[(values != 0) & (values != 255)].astype(np.uint8)
+        if objects.size == 0:
+            raise DensekitError("the mask has no object: it holds only background (0) and void (255)")
+        lut = np.zeros(256, np.int64)
+        lut[objects] = np.arange(1, objects.size + 1)
+        self._ids = np.concatenate([[0], objects]).astype(np.uint8)
+        channels = torch.from_numpy(lut[mask])
+        n = objects.size + 1
+        if self.config.mask_downsample == "nearest":
+            # PIL-style nearest (pixel centres), as DINO's read_seg resizes the palette mask.
+            small = F.interpolate(channels[None, None].float(), size=grid, mode="nearest-exact")[0, 0].long()
+            return F.one_hot(small, n).permute(2, 0, 1).float().contiguous()
+        onehot = F.one_hot(channels, n).permute(2, 0, 1).float()
+        return F.interpolate(onehot[None], size=grid, mode="bilinear", align_corners=False)[0].contiguous()
+
+    def _to_mask(self, soft: torch.Tensor) -> np.ndarray:
+        H, W = self._frame_size  # type: ignore[misc]
+        if self.config.output == "dino":
+            up = F.interpolate(soft[None], scale_factor=self._stride, mode="bilinear", align_corners=False)[0]
+            # DINO's norm_mask: per-channel min-max to [0, 1] when the channel has a positive max
+            # (guarded against a constant channel, which the reference would turn into NaN).
+            for c in range(up.shape[0]):
+                ch = up[c]
+                if ch.max() > 0:
+                    ch -= ch.min()
+                    peak = ch.max()
+                    if peak > 0:
+                        ch /= peak
+            label = up.argmax(0)
+            label = F.interpolate(label[None, None].float(), size=(H, W), mode="nearest-exact")[0, 0].long()
+        else:
+            up = F.interpolate(soft[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            label = up.argmax(0)
+        return self._ids[label.numpy()]
+
+    # -- public API --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Begin a video: ``frame`` (H, W, 3) uint8 RGB with its (H, W) id mask. Returns the mask (uint8)."""
+        self._check_frame(frame)
+        mask = np.asarray(mask)
+        if mask.dtype == bool:
+            mask = mask.astype(np.uint8)
+        if mask.ndim != 2:
+            raise DensekitError(f"masks must be (H, W) arrays of object ids, got shape {mask.shape}")
+        if mask.shape != frame.shape[:2]:
+            raise DensekitError(
+                f"mask size {mask.shape[0]}x{mask.shape[1]} differs from frame size {frame.shape[0]}x{frame.shape[1]}"
+            )
+        if not np.issubdtype(mask.dtype, np.integer) or (mask.size and (mask.min() < 0 or mask.max() > 255)):
+            raise DensekitError("mask values must be integer object ids in 0..255")
+        mask = mask.astype(np.uint8)
+        self._frame_size = (frame.shape[0], frame.shape[1])
+        self._proc_size = processing_size(frame.shape[0], frame.shape[1], self.config, self._multiple)
+        feats = self._features(frame)
+        labels = self._labels_from_mask(mask, (feats.shape[1], feats.shape[2]))
+        self._first = (feats, labels)
+        self._queue.clear()
+        if self.config.pad_with_first:
+            self._queue.extend([(feats, labels)] * self.config.n_last)
+        self.last_soft = labels
+        return mask.copy()
+
+    def reset_mask(self, frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Correct the mask on ``frame`` and continue from it (it becomes the new first-frame reference)."""
+        return self.start(frame, mask)
+
+    @torch.inference_mode()
+    def step(self, frame: np.ndarray) -> np.ndarray:
+        """Propagate to the next frame; returns its (H, W) uint8 id mask."""
+        if self._first is None:
+            raise DensekitError("call start(frame, mask) before step(frame)")
+        self._check_frame(frame)
+        if frame.shape[:2] != self._frame_size:
+            H, W = self._frame_size  # type: ignore[misc]
+            raise DensekitError(f"frame size {frame.shape[0]}x{frame.shape[1]} differs from the video's {H}x{W}")
+        feats = self._features(frame)
+        if feats.shape != self._first[0].shape:
+            raise DensekitError(f"feature shape changed from {tuple(self._first[0].shape)} to {tuple(feats.shape)}")
+        ctx = [self._first, *self._queue]
+        soft = propagate_step(feats, [c[0] for c in ctx], [c[1] for c in ctx], self.config)
+        if self.config.n_last > 0:
+            self._queue.append((feats, soft))
+        self.last_soft = soft
+        return self._to_mask(soft)
+
+    def stream(self, frames: Iterable[np.ndarray], first_mask: np.ndarray) -> Iterator[np.ndarray]:
+        """Yield one (H, W) uint8 mask per frame as frames arrive; the first one is ``first_mask`` itself."""
+        it = iter(frames)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise DensekitError("the video has no frames") from None
+        yield self.start(first, first_mask)
+        for frame in it:
+            yield self.step(frame)
