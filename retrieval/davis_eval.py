@@ -452,32 +452,6 @@ class DavisEvalResult:
         return rows
 
 
-def _read_gt_frame(path: Path) -> np.ndarray:
-    """One GT annotation as (H, W) uint8 ids, exactly as ``densekit.serve.imageio.read_mask`` reads
-    it (the reader behind ``DavisRoot.read_gt``), with a fast path for the two DAVIS formats:
-    palette PNGs (indices) and binary grayscale 0/255 PNGs (-> 0/1). Anything else goes through
-    ``read_mask`` itself. (``read_mask`` decides "binary" with ``np.unique``, ~4 ms a 480p frame;
-    two comparisons decide the same.)"""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode not in ("P", "L"):
-                return read_mask(path)
-            arr = np.array(im)
-    except (OSError, SyntaxError, ValueError):
-        return read_mask(path)  # raises its own one-line DensekitError
-    if mode == "L":
-        full = arr == 255
-        n_full = int(np.count_nonzero(full))
-        n_set = int(np.count_nonzero(arr))
-        if n_set == 0:
-            return np.ascontiguousarray(arr)  # all background: read_mask returns it unchanged
-        if n_full != n_set:
-            return read_mask(path)  # not a {0, 255} mask: read_mask's other rules apply
-        arr = full.view(np.uint8)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
-
-
 def _read_result_frame(path: Path, shape: tuple[int, int], num_objects: int, seq: str, name: str) -> np.ndarray:
     """A result PNG as (H, W) uint8 ids, read like the official (``np.array(Image.open(p))``)."""
     try:
@@ -569,7 +543,7 @@ def evaluate_davis(
     def score(seq: str, anno: Path, n_obj: int, shape: tuple[int, int], fp: np.ndarray) -> np.ndarray:
         # GT frame read with the same reader DavisRoot.read_gt uses, one frame at a time so that
         # frames decode in parallel and no sequence sits in memory whole.
-        gt = _read_gt_frame(anno)
+        gt = read_mask(anno)
         if gt.shape != shape:
             raise DensekitError(
                 f"sequence {seq!r}: {anno.name} is {gt.shape[1]}x{gt.shape[0]}, the first annotation is {shape[1]}x{shape[0]}"

@@ -184,11 +184,15 @@ def _colour_mask_to_ids(rgb: np.ndarray, path: str | os.PathLike[str]) -> np.nda
 
 def _gray_ids(g: np.ndarray, full: int) -> np.ndarray:
     """Grayscale mask values -> ids: a binary {0, full} mask (DAVIS-2016) becomes {0, 1}."""
-    vals = np.unique(g)
-    if len(vals) > 0 and set(vals.tolist()) <= {0, full} and full in vals:
-        return (g == full).astype(np.uint8)
-    if int(vals.max(initial=0)) > 255:
-        raise DensekitError(f"mask values go up to {int(vals.max())}; object ids must be 0..255")
+    # Two counts decide "binary" at a fraction of np.unique's cost (which sorts a 480p frame in ~4 ms);
+    # the evaluator reads every ground-truth frame through here.
+    is_full = g == full
+    n_full = int(np.count_nonzero(is_full))
+    if n_full and n_full == int(np.count_nonzero(g)):
+        return is_full.view(np.uint8) if is_full.dtype == np.bool_ else is_full.astype(np.uint8)
+    top = int(g.max(initial=0))
+    if top > 255:
+        raise DensekitError(f"mask values go up to {top}; object ids must be 0..255")
     return g.astype(np.uint8)
 
 

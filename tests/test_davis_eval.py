@@ -282,8 +282,13 @@ def test_dataset_errors(synthetic: tuple, tmp_path: Path) -> None:
         de.evaluate_davis(root, res)
 
 
-def test_gt_fast_reader_equals_read_mask(tmp_path: Path) -> None:
+def test_gt_reader_follows_the_binary_mask_rule(tmp_path: Path) -> None:
+    """GT frames are read with read_mask: {0, 255} grayscale -> {0, 1}, anything else as ids."""
     from densekit.serve.imageio import read_mask
+
+    def expected(g: np.ndarray) -> np.ndarray:
+        vals = set(np.unique(g).tolist())
+        return (g == 255).astype(np.uint8) if 255 in vals and vals <= {0, 255} else g
 
     rng = np.random.default_rng(9)
     ids = (rng.random((13, 17)) * 4).astype(np.uint8)
@@ -299,11 +304,13 @@ def test_gt_fast_reader_equals_read_mask(tmp_path: Path) -> None:
     }
     for name, im in cases.items():
         im.save(tmp_path / name)
-        got = de._read_gt_frame(tmp_path / name)
-        np.testing.assert_array_equal(got, read_mask(tmp_path / name), err_msg=name)
+        got = read_mask(tmp_path / name)
+        raw = np.array(Image.open(tmp_path / name).convert("L") if name == "alpha.png" else Image.open(tmp_path / name))
+        want = raw.astype(np.uint8) if name in ("palette.png", "bilevel.png") else expected(raw)
+        np.testing.assert_array_equal(got, want, err_msg=name)
         assert got.dtype == np.uint8
     with pytest.raises(DensekitError):
-        de._read_gt_frame(tmp_path / "missing.png")
+        read_mask(tmp_path / "missing.png")
 
 
 def test_csvs_plot_and_tables(synthetic: tuple, tmp_path: Path) -> None:
