@@ -200,6 +200,24 @@ def info(
     typer.echo(backbone.meta.to_json())
 
 
+def _register_area_commands() -> None:
+    # Each area's commands live in their own small module (apps/cmd_<area>.py, typer only, heavy
+    # imports inside the command bodies), so --help stays fast.
+    import importlib
+
+    for name in ("cmd_train", "cmd_export", "cmd_serve"):
+        try:
+            module = importlib.import_module(f"densekit.apps.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"densekit.apps.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_area_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``densekit`` console script: bad input -> one line on stderr, exit code 2."""
     try:
