@@ -1,0 +1,71 @@
+"""``densekit train``: train a dense backbone with a self-supervised objective (see densekit.train.trainer).
+
+Typer only at import time; torch and the trainer are imported inside the command so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from densekit.serve.errors import DensekitError
+
+HELP = (
+    "Train a dense backbone with a self-supervised objective on your videos or images.\n\n"
+    "Settings come from the defaults, then --config cfg.yaml, then the flags, then KEY=VALUE overrides "
+    "(e.g. optim.lr=3e-4 data.size=[224,224] hparams.temperature=0.2 max_steps=20000). "
+    "RUN_DIR gets config.yaml (the full resolved config), state.safetensors (everything needed to resume), "
+    "backbone.safetensors (the trained backbone, loadable by every other command), log.jsonl and tb/ "
+    "(TensorBoard). For several processes: torchrun --nproc_per_node N $(which densekit) train ..."
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command to ``app``."""
+
+    @app.command("train", help=HELP)
+    def train(
+        overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE config overrides.", show_default=False)] = None,
+        objective: Annotated[Optional[str], typer.Option("--objective", help="Objective name (poodle, densecl, vicregl, hiergroup) or module:Class.")] = None,
+        backbone: Annotated[Optional[str], typer.Option("--backbone", help="resnet18 | resnet50 | efficientnet_lite0 | timm:<name> | a .safetensors checkpoint to start from.")] = None,
+        data: Annotated[Optional[Path], typer.Option("--data", help="DAVIS root, folder of videos, folder of frame folders, or folder of images.")] = None,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (created).")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file (same keys as RUN_DIR/config.yaml).")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last state checkpoint.")] = False,
+    ) -> None:
+        import logging
+
+        from densekit.train.config import build_config
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if out is None:
+            raise DensekitError("no output directory: pass --out RUN_DIR")
+        base = None
+        if resume:
+            from densekit.train.trainer import load_run_config
+
+            base = load_run_config(out)
+        elif objective is None:
+            raise DensekitError("no objective: pass --objective NAME")
+        elif data is None:
+            raise DensekitError("no training data: pass --data PATH")
+        cfg = build_config(config, list(overrides or []), base=base, objective=objective, backbone=backbone,
+                           out=str(out), data_path=str(data) if data is not None else None)
+
+        from densekit.train.trainer import Trainer, get_objective_class
+
+        trainer = Trainer(cfg, resume=resume, objective_cls=get_objective_class(cfg.objective))
+        result = trainer.fit()
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:  # the process group is already closed here
+            where = Path(cfg.out)
+            if result.halted:
+                typer.echo(f"halted at step {result.step}; resume with: densekit train --out {where} --resume")
+            else:
+                typer.echo(
+                    f"trained {result.step} steps ({result.images_per_s:.1f} samples/s); "
+                    f"backbone: {where / 'backbone.safetensors'}"
+                )

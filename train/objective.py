@@ -1,0 +1,98 @@
+"""The base class every dense self-supervised objective implements (TRAIN.md contract).
+
+An :class:`Objective` is one small ``nn.Module`` that owns the student backbone plus the loss's heads and any
+training state (EMA teacher, queues, pointers). The trainer knows nothing about a method beyond this interface,
+in the spirit of lightly's loss/head modules and solo-learn's ``BaseMethod``:
+
+* :meth:`Objective.transform` returns a picklable callable that runs in DataLoader workers on CPU and turns raw
+  frames into one sample's fixed-shape arrays (views normalised with ``backbone.meta`` mean/std, flow, crops...).
+* :meth:`Objective.forward` turns a collated batch into ``{"loss": scalar, other scalars to log}``.
+* :meth:`Objective.on_step_end` runs after each optimiser step (EMA momentum update, queue push, ...).
+* :meth:`Objective.student_backbone` is what gets exported to ``backbone.safetensors``.
+
+Rules for exact resume and DDP equivalence:
+
+* All state lives in parameters/buffers so ``state_dict()`` captures it; EMA teacher params have
+  ``requires_grad=False``.
+* Anything spanning the global batch (negatives, batch statistics) goes through
+  :func:`densekit.train.dist.gather_with_grad` / :func:`densekit.train.dist.all_reduce_mean` /
+  :func:`densekit.train.dist.concat_all_gather`, so 2 DDP processes give the same gradients as 1 process on the
+  same global batch.
+* No global RNG use inside ``forward`` except torch's (the trainer saves and restores torch, numpy and python RNG
+  states). Augmentation randomness comes only from the ``np.random.Generator`` handed to the transform.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from densekit.serve.backbones import DenseBackbone
+
+#: A transform: (raw frames, generator) -> dict of fixed-shape numpy arrays for ONE sample.
+Transform = Callable[[list[np.ndarray], np.random.Generator], dict[str, np.ndarray]]
+
+#: The two kinds of data an objective can ask for.
+DATA_KINDS = ("pairs", "images")
+
+
+class Objective(nn.Module):
+    """Base class of a dense self-supervised objective (loss + heads + training state).
+
+    Class attributes:
+        name: registry name, e.g. ``"poodle"``, ``"densecl"``.
+        data: ``"pairs"`` (two frames of one video, gap in ``[gap_min, gap_max]``) or ``"images"`` (one image;
+            frames of videos count as images).
+
+    Subclasses call ``super().__init__()`` then store the backbone (as ``self.backbone`` by convention) and build
+    their heads; hyper-parameters are keyword arguments whose defaults are the paper's values.
+    """
+
+    name: ClassVar[str] = ""
+    data: ClassVar[str] = "images"
+
+    def __init__(self, backbone: DenseBackbone, **hparams: Any) -> None:
+        """Args:
+            backbone: the student ``DenseBackbone``; forward (B,3,H,W) normalised -> (B,D,H/s,W/s).
+            **hparams: method hyper-parameters (defaults = the paper's).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.hparams: dict[str, Any] = dict(hparams)
+
+    def transform(self) -> Transform:
+        """Return a picklable callable run in DataLoader workers (CPU).
+
+        The callable gets the raw frames (list of (H,W,3) uint8 RGB: length 1 for ``"images"``, 2 for ``"pairs"``
+        ``[frame t, frame t+d]``) and a ``np.random.Generator`` seeded by the trainer per (seed, sample index),
+        and returns a dict of fixed-shape float32/int arrays for ONE sample (e.g. ``"view1"`` (3,H,W) float32
+        normalised with ``backbone.meta.mean/std``). The default collate stacks them into tensors (B, ...).
+        It must not capture the model (it is pickled into workers): capture plain numbers/arrays only.
+        """
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Compute the loss on one (local) batch.
+
+        Args:
+            batch: the collated transform outputs, each (B, ...) on the training device.
+        Returns:
+            ``{"loss": scalar tensor, <name>: scalar tensor to log, ...}``.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Hook after each optimiser step (EMA teacher momentum update, queue push...). Default: nothing.
+
+        Args:
+            step: the step that just finished, 0-based.
+            max_steps: total number of steps of the run (for momentum/temperature schedules).
+        """
+
+    def student_backbone(self) -> DenseBackbone:
+        """The backbone that gets exported (``RUN_DIR/backbone.safetensors``). Default: ``self.backbone``."""
+        return self.backbone

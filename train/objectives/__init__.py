@@ -1,0 +1,15 @@
+"""The dense self-supervised objectives, by registry name (``densekit train --objective NAME``).
+
+Each is a :class:`densekit.train.objective.Objective` (loss + heads + training state, one ``nn.Module``).
+"""
+
+from __future__ import annotations
+
+from densekit.train.objectives.densecl import DenseCL
+from densekit.train.objectives.hiergroup import HierGroupContrast
+from densekit.train.objectives.poodle import PooDLe
+from densekit.train.objectives.vicregl import VICRegL
+
+OBJECTIVES = {"poodle": PooDLe, "densecl": DenseCL, "vicregl": VICRegL, "hiergroup": HierGroupContrast}
+
+__all__ = ["OBJECTIVES", "DenseCL", "HierGroupContrast", "PooDLe", "VICRegL"]

@@ -1,0 +1,464 @@
+"""VICRegL: global VICReg plus local (location- and feature-matched) VICReg on dense maps.
+
+Bardes, Ponce and LeCun, "VICRegL: Self-Supervised Learning of Local Visual Features", NeurIPS 2022
+(arXiv:2210.01571); official code github.com/facebookresearch/VICRegL (``main_vicregl.py``, read for the loss
+structure; reimplemented here, the code is CC-BY-NC). Defaults and where they come from:
+
+* invariance / variance / covariance coefficients 25 / 25 / 1 (``--inv-coeff``, ``--var-coeff``, ``--cov-coeff``);
+* ``alpha`` = 0.75: loss = alpha * global + (1 - alpha) * local (``--alpha``; the README's 0.75 models are the
+  ones with the better segmentation numbers);
+* global expander ``8192-8192-8192`` (``--mlp``), local expander ``512-512-512`` (``--maps-mlp``); Linear-BN-ReLU
+  blocks and a final bias-free Linear, as the official ``utils.MLP`` (the local one applied per location, here as
+  1x1 convolutions);
+* top-k matching: the paper keeps the gamma = 20 best matches for global views (4 for small local crops). densekit
+  uses two global views, so ``num_matches`` = 20 in both directions for both location- and feature-based matching.
+  (The official code uses 20 for the first and 4 for the second direction regardless of view type and, by default,
+  all feature-based matches, ``--l2_all_matches 1``; lightly's ``VICRegLLoss`` docstring notes the same
+  discrepancy. ``l2_all_matches=True`` reproduces the code's feature matching.)
+* global crops: RandomResizedCrop scale (0.4, 1.0) (``--min_scale_crops 0.4 --max_scale_crops 1``); photometric
+  augmentation of VICReg (Bardes et al., ICLR 2022): colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2,
+  blur p=1.0/0.1 and solarisation p=0.0/0.2 for view 1/2, horizontal flip p=0.5.
+
+Loss structure as in the official code: the global term averages the invariance over the two orderings and the
+variance/covariance over the two views; the local term, for each ordered view pair, matches view a -> b and
+b -> a by location (nearest crop-grid position in original-image coordinates) and by feature (nearest neighbour in
+L2), keeps the top-k matches, and applies VICReg to the matched pairs, with variance and covariance taken over the
+batch for each match slot (``_vicreg_loss`` in ``main_vicregl.py``). Variance and covariance use
+:func:`densekit.train.dist.gather_with_grad` over the global batch, so DDP matches one process.
+
+Geometry: the transform returns each view's crop box ``(x_left, y_top, x_right, y_bottom)`` in the input frame's
+pixel coordinates, where ``x_left`` is the x of the view's left edge: for a horizontally flipped view
+``x_left > x_right``. A feature cell's location is the image point under its centre.
+
+This module also holds the small numpy/OpenCV view-augmentation helpers that the hiergroup objective reuses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densekit.serve.backbones import DenseBackbone
+from densekit.serve.errors import DensekitError
+from densekit.train.dist import gather_with_grad, world_size
+from densekit.train.objective import Objective, Transform
+
+# ----------------------------------------------------------------------------------------------------
+# View augmentation (numpy / OpenCV; runs in DataLoader workers)
+# ----------------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop box sampling (10 tries, then the centre crop clamped to ``ratio``).
+
+    Returns:
+        (x0, y0, x1, y1) in continuous pixel coordinates of a (height, width) frame (pixel i covers [i, i+1)).
+    """
+    area = float(height * width)
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(rng.uniform(scale[0], scale[1]))
+        r = math.exp(float(rng.uniform(*log_r)))
+        w = int(round(math.sqrt(target * r)))
+        h = int(round(math.sqrt(target / r)))
+        if 0 < w <= width and 0 < h <= height:
+            y0 = int(rng.integers(0, height - h + 1))
+            x0 = int(rng.integers(0, width - w + 1))
+            return float(x0), float(y0), float(x0 + w), float(y0 + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    y0, x0 = (height - h) // 2, (width - w) // 2
+    return float(x0), float(y0), float(x0 + w), float(y0 + h)
+
+
+def crop_resize(image: np.ndarray, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> np.ndarray:
+    """Resample ``image`` inside ``box`` = (x_left, y_top, x_right, y_bottom) to ``out_hw`` (bilinear).
+
+    Output pixel (u, v) samples the image point x = x_left + (u + 0.5) (x_right - x_left) / W_out (same for y),
+    so ``x_left > x_right`` gives a horizontally flipped view. (H, W, C) uint8 -> (h, w, C) uint8.
+    """
+    import cv2
+
+    oh, ow = out_hw
+    xl, yt, xr, yb = box
+    ax, ay = (xr - xl) / ow, (yb - yt) / oh
+    # OpenCV puts pixel centres at integers: continuous x = cv_x + 0.5
+    m = np.array([[ax, 0.0, xl + 0.5 * ax - 0.5], [0.0, ay, yt + 0.5 * ay - 0.5]], dtype=np.float64)
+    interp = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(image, m, (ow, oh), flags=interp, borderMode=cv2.BORDER_REFLECT_101)
+
+
+@dataclass(frozen=True)
+class PhotometricAug:
+    """VICReg/BYOL-style photometric augmentation (numpy/OpenCV), probabilities per view.
+
+    Colour jitter strengths follow torchvision's ColorJitter (brightness, contrast, saturation factors uniform in
+    [1 - s, 1 + s], hue shift uniform in [-h, h] of a full turn), applied in a random order.
+    """
+
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    p_jitter: float = 0.8
+    p_gray: float = 0.2
+    p_blur: float = 1.0
+    p_solarize: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (H, W, 3) float32 RGB in [0, 1]."""
+        import cv2
+
+        x = image.astype(np.float32) / 255.0
+        if rng.random() < self.p_jitter:
+            b, c, s, h = self.jitter
+            for op in rng.permutation(4):
+                if op == 0 and b > 0:
+                    x = x * float(rng.uniform(1 - b, 1 + b))
+                elif op == 1 and c > 0:
+                    mean = float(_gray(x).mean())
+                    x = (x - mean) * float(rng.uniform(1 - c, 1 + c)) + mean
+                elif op == 2 and s > 0:
+                    g = _gray(x)[..., None]
+                    x = (x - g) * float(rng.uniform(1 - s, 1 + s)) + g
+                elif op == 3 and h > 0:
+                    hsv = cv2.cvtColor(np.clip(x, 0, 1), cv2.COLOR_RGB2HSV)  # float32: H in [0, 360)
+                    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * float(rng.uniform(-h, h)), 360.0)
+                    x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+                x = np.clip(x, 0.0, 1.0)
+        if rng.random() < self.p_gray:
+            x = np.repeat(_gray(x)[..., None], 3, axis=2)
+        if rng.random() < self.p_blur:
+            sigma = float(rng.uniform(*self.blur_sigma))
+            x = cv2.GaussianBlur(x, (0, 0), sigma)
+        if rng.random() < self.p_solarize:
+            x = np.where(x >= 0.5, 1.0 - x, x)
+        return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def _gray(x: np.ndarray) -> np.ndarray:
+    return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]).astype(np.float32)
+
+
+def normalise(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] -> (3, H, W) float32 normalised with ``mean``/``std``."""
+    m = np.asarray(mean, np.float32)
+    s = np.asarray(std, np.float32)
+    return np.ascontiguousarray(((x - m) / s).transpose(2, 0, 1))
+
+
+def view_size(frame_hw: tuple[int, int], size: int, multiple: int) -> tuple[int, int]:
+    """Output (h, w) of a view: ``size`` x ``size`` if size > 0, else the frame's size rounded down to ``multiple``."""
+    if size > 0:
+        h = w = size
+    else:
+        h, w = frame_hw
+    h, w = (h // multiple) * multiple, (w // multiple) * multiple
+    if h <= 0 or w <= 0:
+        raise DensekitError(f"view size {frame_hw} is smaller than the backbone's input multiple {multiple}")
+    return h, w
+
+
+def cell_locations(boxes: torch.Tensor, view_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Image point under each feature cell's centre.
+
+    Args:
+        boxes: (B, 4) (x_left, y_top, x_right, y_bottom) crop boxes in frame pixels (x_left > x_right = flipped).
+        view_hw: the view's (H, W) in pixels.
+        grid_hw: the feature map's (h, w); cell (i, j) covers view pixels [j W/w, (j+1) W/w) x [i H/h, ...).
+    Returns:
+        (B, h*w, 2) float (x, y) in frame pixels, raster order.
+    """
+    h, w = grid_hw
+    fy = (torch.arange(h, device=boxes.device, dtype=boxes.dtype) + 0.5) / h
+    fx = (torch.arange(w, device=boxes.device, dtype=boxes.dtype) + 0.5) / w
+    xl, yt, xr, yb = boxes.unbind(dim=1)
+    xs = xl[:, None] + fx[None, :] * (xr - xl)[:, None]  # (B, w)
+    ys = yt[:, None] + fy[None, :] * (yb - yt)[:, None]  # (B, h)
+    grid_x = xs[:, None, :].expand(-1, h, -1)
+    grid_y = ys[:, :, None].expand(-1, -1, w)
+    return torch.stack([grid_x, grid_y], dim=-1).reshape(boxes.shape[0], h * w, 2)
+
+
+class VICRegLTransform:
+    """Two global views of one frame with their crop boxes (picklable; captures plain numbers only).
+
+    Returns ``{"view1", "view2": (3, h, w) float32 normalised, "box1", "box2": (4,) float32}``.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], multiple: int, size: int = 0,
+                 scale: tuple[float, float] = (0.4, 1.0)) -> None:
+        self.mean, self.std, self.multiple, self.size = tuple(mean), tuple(std), int(multiple), int(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        # VICReg (Bardes et al. 2022, Appendix C): asymmetric blur / solarisation between the two views
+        self.augs = (PhotometricAug(p_blur=1.0, p_solarize=0.0), PhotometricAug(p_blur=0.1, p_solarize=0.2))
+
+    def __call__(self, frames: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = frames[0]
+        H, W = image.shape[:2]
+        out_hw = view_size((H, W), self.size, self.multiple)
+        out: dict[str, np.ndarray] = {}
+        for k, aug in enumerate(self.augs, start=1):
+            x0, y0, x1, y1 = random_resized_crop_box(rng, H, W, self.scale)
+            box = (x1, y0, x0, y1) if rng.random() < 0.5 else (x0, y0, x1, y1)
+            view = aug(crop_resize(image, box, out_hw), rng)
+            out[f"view{k}"] = normalise(view, self.mean, self.std)
+            out[f"box{k}"] = np.asarray(box, np.float32)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads and loss pieces
+# ----------------------------------------------------------------------------------------------------
+
+
+def _dims(spec: str, name: str) -> list[int]:
+    try:
+        dims = [int(v) for v in str(spec).split("-")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) <= 0:
+        raise DensekitError(f"vicregl: {name} must look like '8192-8192-8192' (positive widths), got {spec!r}")
+    return dims
+
+
+class Expander(nn.Module):
+    """VICReg expander: Linear-BN-ReLU blocks then a bias-free Linear (official ``utils.MLP``).
+
+    ``forward``: (B, in_dim) -> (B, dims[-1]).
+    """
+
+    def __init__(self, in_dim: int, dims: list[int]) -> None:
+        super().__init__()
+        f = [in_dim, *dims]
+        layers: list[nn.Module] = []
+        for a, b in zip(f[:-2], f[1:-1]):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(f[-2], f[-1], bias=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MapsExpander(nn.Module):
+    """The local expander applied at every location (1x1 convolutions; BN over batch and positions).
+
+    ``forward``: (B, in_dim, h, w) -> (B, h*w, dims[-1]).
+    """
+
+    def __init__(self, in_dim: int, dims: list[int]) -> None:
+        super().__init__()
+        f = [in_dim, *dims]
+        layers: list[nn.Module] = []
+        for a, b in zip(f[:-2], f[1:-1]):
+            layers += [nn.Conv2d(a, b, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(f[-2], f[-1], 1, bias=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(2).transpose(1, 2)
+
+
+def nearest_matches(distances: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every input position its nearest candidate; keep the ``k`` inputs whose nearest distance is smallest.
+
+    Args:
+        distances: (B, N, M) input-to-candidate distances.
+        k: how many inputs to keep (None or >= N: all).
+    Returns:
+        (inputs, matches): (B, k) input indices in increasing (raster) order, as the official code's masked
+        selection keeps them, and (B, k) the index of each one's nearest candidate.
+    """
+    nn_dist, nn_idx = distances.min(dim=2)
+    n = distances.shape[1]
+    if k is None or k >= n:
+        inputs = torch.arange(n, device=distances.device).expand(distances.shape[0], n)
+    else:
+        inputs = nn_dist.topk(k, dim=1, largest=False).indices.sort(dim=1).values
+    return inputs, nn_idx.gather(1, inputs)
+
+
+def _select(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), idx (B, k) -> (B, k, C)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _off_diagonal_sq_sum(c: torch.Tensor) -> torch.Tensor:
+    """Sum of squared off-diagonal entries over the last two dims: (..., C, C) -> (...)."""
+    return c.pow(2).sum(dim=(-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).pow(2).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+# ----------------------------------------------------------------------------------------------------
+
+
+class VICRegL(Objective):
+    """VICRegL (Bardes et al., NeurIPS 2022): global VICReg + location/feature-matched local VICReg.
+
+    Batch (from :meth:`transform`): ``view1``, ``view2`` (B, 3, H, W) normalised; ``box1``, ``box2`` (B, 4) crop
+    boxes (x_left, y_top, x_right, y_bottom) in frame pixels.
+
+    Model: backbone maps (B, D, h, w); representation = spatial mean (B, D) -> ``projector`` (B, mlp[-1]);
+    maps -> ``maps_projector`` (B, h*w, maps_mlp[-1]).
+
+    Args:
+        backbone: the student DenseBackbone (any: VICRegL only needs its output map).
+        mlp: global expander widths (paper/code ``--mlp`` 8192-8192-8192).
+        maps_mlp: local expander widths (``--maps-mlp`` 512-512-512).
+        alpha: weight of the global loss; local gets 1 - alpha (0.75).
+        inv_coeff, var_coeff, cov_coeff: VICReg coefficients (25, 25, 1).
+        num_matches: top-k matches kept per direction (paper: 20 for global views).
+        l2_all_matches: keep every feature-based match (official code default) instead of the top-k.
+        size: view side in pixels (0: the input frame's size, rounded down to the backbone's input multiple).
+        min_scale, max_scale: RandomResizedCrop area range of the views (0.4, 1.0).
+        eps: added to the variance before the square root (1e-4).
+    """
+
+    name: ClassVar[str] = "vicregl"
+    data: ClassVar[str] = "images"
+
+    def __init__(self, backbone: DenseBackbone, *, mlp: str = "8192-8192-8192", maps_mlp: str = "512-512-512",
+                 alpha: float = 0.75, inv_coeff: float = 25.0, var_coeff: float = 25.0, cov_coeff: float = 1.0,
+                 num_matches: int = 20, l2_all_matches: bool = False, size: int = 0, min_scale: float = 0.4,
+                 max_scale: float = 1.0, eps: float = 1e-4) -> None:
+        super().__init__(backbone, mlp=mlp, maps_mlp=maps_mlp, alpha=alpha, inv_coeff=inv_coeff,
+                         var_coeff=var_coeff, cov_coeff=cov_coeff, num_matches=num_matches,
+                         l2_all_matches=l2_all_matches, size=size, min_scale=min_scale, max_scale=max_scale, eps=eps)
+        if not 0.0 <= alpha <= 1.0:
+            raise DensekitError(f"vicregl: alpha must be in [0, 1], got {alpha}")
+        if num_matches < 1:
+            raise DensekitError(f"vicregl: num_matches must be >= 1, got {num_matches}")
+        if not 0.0 < min_scale <= max_scale <= 1.0:
+            raise DensekitError(f"vicregl: need 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
+        dim = int(backbone.meta.dim)
+        self.alpha, self.inv_coeff, self.var_coeff, self.cov_coeff = alpha, inv_coeff, var_coeff, cov_coeff
+        self.num_matches, self.l2_all_matches, self.eps = int(num_matches), bool(l2_all_matches), float(eps)
+        self.size, self.scale = int(size), (float(min_scale), float(max_scale))
+        self.projector = Expander(dim, _dims(mlp, "mlp"))
+        self.maps_projector = MapsExpander(dim, _dims(maps_mlp, "maps_mlp"))
+
+    def transform(self) -> Transform:
+        meta = self.backbone.meta
+        return VICRegLTransform(meta.mean, meta.std, meta.input_multiple, self.size, self.scale)
+
+    # -- loss pieces -------------------------------------------------------------------------------
+
+    def _var_cov_global(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One view's embeddings (B, E) -> (variance hinge, covariance penalty) over the global batch."""
+        x = gather_with_grad(z)
+        _check_batch(x.shape[0])
+        x = x - x.mean(dim=0)
+        std = torch.sqrt(x.var(dim=0) + self.eps)
+        cov = x.T @ x / (x.shape[0] - 1)
+        return F.relu(1.0 - std).mean(), _off_diagonal_sq_sum(cov) / x.shape[1]
+
+    def global_terms(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Global VICReg on (B, E) embeddings: invariance averaged over both orderings (equal for MSE),
+        variance/covariance averaged over the two views. Coefficients applied."""
+        inv = F.mse_loss(z1, z2)
+        v1, c1 = self._var_cov_global(z1)
+        v2, c2 = self._var_cov_global(z2)
+        return {"inv": self.inv_coeff * inv, "var": self.var_coeff * (v1 + v2) / 2,
+                "cov": self.cov_coeff * (c1 + c2) / 2}
+
+    def _vicreg_matched(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VICReg on matched local features x, y (B, k, C), statistics over the global batch per match slot
+        (official ``_vicreg_loss``). Coefficients applied."""
+        inv = self.inv_coeff * F.mse_loss(x, y)
+        xg, yg = gather_with_grad(x), gather_with_grad(y)
+        _check_batch(xg.shape[0])
+        var = 0.0
+        cov = 0.0
+        for t in (xg, yg):
+            t = t - t.mean(dim=0)
+            std = torch.sqrt(t.var(dim=0) + self.eps)  # (k, C)
+            var = var + F.relu(1.0 - std).mean() / 2
+            tk = t.permute(1, 0, 2)  # (k, G, C)
+            c = tk.transpose(1, 2) @ tk / (tk.shape[1] - 1)  # (k, C, C)
+            cov = cov + (_off_diagonal_sq_sum(c) / tk.shape[2]).mean() / 2
+        return inv, self.var_coeff * var, self.cov_coeff * cov
+
+    def local_pair_terms(self, m1: torch.Tensor, m2: torch.Tensor, loc1: torch.Tensor, loc2: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+        """Local terms for one ordered view pair (official ``_local_loss``): feature-based then location-based
+        matching, each in both directions (1 -> 2 and 2 -> 1), halves averaged.
+
+        Args:
+            m1, m2: (B, N1, C), (B, N2, C) local embeddings.
+            loc1, loc2: (B, N1, 2), (B, N2, 2) cell locations in frame pixels.
+        Returns:
+            {"inv_feat", "inv_loc", "var", "cov"} scalars (coefficients applied).
+        """
+        k_l2 = None if self.l2_all_matches else self.num_matches
+        out: dict[str, torch.Tensor] = {}
+        var = m1.new_zeros(())
+        cov = m1.new_zeros(())
+        for kind in ("feat", "loc"):
+            if kind == "feat":
+                d12, d21 = torch.cdist(m1, m2), torch.cdist(m2, m1)
+                k = k_l2
+            else:
+                d12, d21 = torch.cdist(loc1, loc2), torch.cdist(loc2, loc1)
+                k = self.num_matches
+            inv = m1.new_zeros(())
+            for a, b, d in ((m1, m2, d12), (m2, m1, d21)):
+                src, dst = nearest_matches(d.detach(), k)
+                i_, v_, c_ = self._vicreg_matched(_select(a, src), _select(b, dst))
+                inv = inv + i_ / 2
+                var = var + v_ / 2
+                cov = cov + c_ / 2
+            out[f"inv_{kind}"] = inv
+        out["var"], out["cov"] = var, cov
+        return out
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All loss terms (with grad): global ``g_inv``, ``g_var``, ``g_cov``; local ``l_inv_feat``,
+        ``l_inv_loc``, ``l_var``, ``l_cov``; ``global``, ``local`` and ``loss`` = alpha global + (1-alpha) local;
+        plus ``emb_std`` (no grad): mean per-dimension batch std of view 1's global embedding (the variance hinge
+        pushes it towards 1; collapse -> 0)."""
+        views = (batch["view1"], batch["view2"])
+        _check_batch(views[0].shape[0] * world_size())  # before BatchNorm1d refuses a batch of 1 less clearly
+        boxes = (batch["box1"].to(views[0].dtype), batch["box2"].to(views[0].dtype))
+        z, maps, locs = [], [], []
+        for v, box in zip(views, boxes):
+            f = self.backbone(v)  # each view on its own, like the official code (BN statistics per view)
+            z.append(self.projector(f.mean(dim=(2, 3))))
+            maps.append(self.maps_projector(f))
+            locs.append(cell_locations(box, (v.shape[-2], v.shape[-1]), (f.shape[-2], f.shape[-1])))
+        g = self.global_terms(z[0], z[1])
+        # official local_loss: ordered pairs (0, 1) and (1, 0), averaged
+        l12 = self.local_pair_terms(maps[0], maps[1], locs[0], locs[1])
+        l21 = self.local_pair_terms(maps[1], maps[0], locs[1], locs[0])
+        loc = {k: (l12[k] + l21[k]) / 2 for k in l12}
+        glob = g["inv"] + g["var"] + g["cov"]
+        local = loc["inv_feat"] + loc["inv_loc"] + loc["var"] + loc["cov"]
+        out = {"g_inv": g["inv"], "g_var": g["var"], "g_cov": g["cov"], "l_inv_feat": loc["inv_feat"],
+               "l_inv_loc": loc["inv_loc"], "l_var": loc["var"], "l_cov": loc["cov"], "global": glob,
+               "local": local, "loss": self.alpha * glob + (1.0 - self.alpha) * local}
+        with torch.no_grad():
+            out["emb_std"] = z[0].detach().std(dim=0).mean()
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """``{"loss": alpha * global + (1 - alpha) * local, and every term detached for logging}``."""
+        t = self.terms(batch)
+        return {k: (v if k == "loss" else v.detach()) for k, v in t.items()}
+
+
+def _check_batch(n: int) -> None:
+    if n < 2:
+        raise DensekitError("vicregl needs a global batch of at least 2 (variance/covariance are batch statistics)")

@@ -1,0 +1,749 @@
+"""The training loop: one process or DDP via torchrun, exact resume, safetensors+JSON state, J&F eval hook.
+
+A run directory holds:
+
+* ``config.yaml``: the full resolved :class:`~densekit.train.config.TrainConfig` (objective hparams included);
+* ``state.safetensors``: the full training state, written atomically every ``save_every`` steps. Tensors
+  (objective ``state_dict()`` - student, heads, EMA teacher, queues, pointers -, optimiser moments, torch/CUDA
+  RNG states of every rank) are safetensors tensors; everything else (step, optimiser hyper-parameters, grad
+  scaler, numpy and python RNG states, the config) is JSON in the file's metadata. Nothing is pickled, so a
+  state file can be inspected and loaded without executing code. The learning rate is a pure function of the
+  step (linear warm-up, then cosine), so the step IS the scheduler state; the step is also the data position
+  (:mod:`densekit.train.data`).
+* ``backbone.safetensors``: the student backbone via :func:`densekit.serve.checkpoint.save_checkpoint`, with
+  ``meta.objective`` set - loadable by every other command.
+* ``log.jsonl`` (one JSON line per logged step / evaluation) and ``tb/`` (TensorBoard scalars).
+
+Exact resume: on CPU with ``deterministic=true``, a run interrupted at any point and resumed from its last
+state ends with bit-identical weights to an uninterrupted run: everything random is either restored (torch,
+numpy, python RNGs per rank) or a pure function of (seed, step) (data order, crops, augmentations; the
+DataLoader gets its own generator so creating it never consumes the global RNG).
+
+DDP: ``torchrun --nproc_per_node N densekit train ...`` (or any launcher setting RANK/WORLD_SIZE/MASTER_ADDR);
+gloo on CPU, nccl on CUDA. ``batch_size`` is the global batch; rank r gets samples
+``[s*B + r*B/N, s*B + (r+1)*B/N)`` at step s. DDP averages gradients over ranks; objectives gather negatives and
+statistics with :mod:`densekit.train.dist`, so N processes reproduce the single-process gradients. BatchNorm
+statistics stay per process (as in MoCo/DenseCL without SyncBN); ``ddp.sync_bn`` (CUDA) changes that.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from densekit.serve.atomic import atomic_path, write_text_atomic
+from densekit.serve.errors import DensekitError
+from densekit.train import dist
+from densekit.train.config import RESUMABLE_CHANGES, TrainConfig, dump_yaml, flat, from_dict, to_dict
+from densekit.train.objective import Objective
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "log.jsonl"
+STATE_META_KEY = "densekit_train_state"
+STATE_FORMAT = 1
+
+Hook = Callable[["Trainer", int], None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objective lookup
+# ----------------------------------------------------------------------------------------------------
+
+
+def available_objectives() -> dict[str, type[Objective]]:
+    """``densekit.train.objectives.OBJECTIVES`` (empty when that package is not there yet)."""
+    try:
+        import densekit.train.objectives as package
+    except ModuleNotFoundError as exc:
+        if exc.name == "densekit.train.objectives":
+            return {}
+        raise
+    return dict(getattr(package, "OBJECTIVES", {}))
+
+
+def get_objective_class(name: str) -> type[Objective]:
+    """An objective class by registry name, or ``package.module:ClassName`` for your own objective."""
+    if ":" in name:
+        import importlib
+
+        mod_name, _, cls_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod_name), cls_name)
+        except (ImportError, AttributeError) as exc:
+            raise DensekitError(f"cannot import objective {name!r}: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise DensekitError(f"{name!r} is not a densekit.train.objective.Objective subclass")
+        return cls
+    table = available_objectives()
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none installed"
+        raise DensekitError(f"unknown objective {name!r}; choose one of: {known} (or module:Class)")
+    return table[name]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return repr(v)
+
+
+def resolve_hparams(cls: type[Objective], given: dict[str, Any]) -> dict[str, Any]:
+    """The objective's keyword defaults (from ``__init__``'s signature) updated with ``given``.
+
+    Raises:
+        DensekitError: a key the objective does not take (lists the ones it does).
+    """
+    sig = inspect.signature(cls.__init__)
+    params = list(sig.parameters.values())[2:]  # self, backbone
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(given) - set(named))
+    if unknown and not takes_kwargs:
+        raise DensekitError(
+            f"objective {cls.name or cls.__name__} has no hyper-parameter(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(named) or 'none'}"
+        )
+    out = {k: _jsonable(p.default) for k, p in named.items() if p.default is not inspect.Parameter.empty}
+    out.update(given)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------------
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """Warm-up length: ``optim.warmup_steps`` or, when negative, 5% of ``max_steps``."""
+    w = cfg.optim.warmup_steps
+    return int(round(0.05 * cfg.max_steps)) if w < 0 else int(w)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then half-cosine to ``min_lr_ratio*lr``.
+
+    The warm-up + cosine shape is the one of SimCLR/BYOL/DINO (Loshchilov & Hutter's SGDR without restarts).
+    """
+    base, w, n = cfg.optim.lr, warmup_steps(cfg), cfg.max_steps
+    if w > 0 and step < w:
+        return base * (step + 1) / w
+    t = (step - w) / max(1, n - w)
+    floor = base * cfg.optim.min_lr_ratio
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# State (safetensors + JSON)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser ``state_dict`` into tensors (``optim.<param id>.<key>``) and a JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"param_groups": _jsonable(sd["param_groups"]), "state": {}}
+    for pid, st in sd["state"].items():
+        entry: dict[str, Any] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = _cpu(v)
+                entry[k] = {"tensor": f"optim.{pid}.{k}"}
+            else:
+                entry[k] = {"value": _jsonable(v)}
+        rest["state"][str(pid)] = entry
+    return tensors, rest
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_to_flat`."""
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entry in rest["state"].items():
+        state[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in entry.items()}
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch CPU/CUDA as bytes (base64), numpy and python as JSON lists."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "numpy": [np_state[0], np.asarray(np_state[1]).tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(st["torch"])), dtype=torch.uint8))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        states = [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in st["cuda"]]
+        torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write a training state: safetensors tensors + the JSON ``meta`` in the file metadata (atomic)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={STATE_META_KEY: json.dumps(meta)})
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a state written by :func:`save_state` -> (tensors, meta). DensekitError if unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            md = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DensekitError(f"{path}: unreadable training state ({' '.join(str(exc).split())[:200]})") from None
+    if STATE_META_KEY not in md:
+        raise DensekitError(f"{path}: not a densekit training state")
+    meta = json.loads(md[STATE_META_KEY])
+    if meta.get("format") != STATE_FORMAT:
+        raise DensekitError(f"{path}: training state format {meta.get('format')} is not supported")
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def davis_jf(
+    backbone: nn.Module,
+    root: str | os.PathLike[str],
+    *,
+    sequences: Iterable[str] | None = None,
+    split: str | None = None,
+    max_sequences: int = 0,
+    preset: str = "crw",
+    short_side: int = 0,
+    device: str = "cpu",
+    workdir: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """J&F of label propagation with ``backbone``'s features on a DAVIS-format folder.
+
+    Frames (and the first mask, nearest) are optionally resized so the shorter side is ``short_side`` (CPU
+    budget), propagated with :class:`densekit.retrieval.propagation.MaskPropagator` (``preset``), and the
+    predicted masks resized back (nearest) to the annotation size before the official evaluator
+    (:func:`densekit.retrieval.davis_eval.evaluate_davis`) scores them. RNG states are left untouched.
+
+    Returns:
+        ``{"J&F": ..., "J": ..., "F": ...}``.
+    """
+    import cv2
+
+    from densekit.retrieval.davis_eval import evaluate_davis
+    from densekit.retrieval.propagation import MaskPropagator, preset as make_preset
+    from densekit.serve.davis import DavisRoot
+    from densekit.serve.extractor import FeatureExtractor
+    from densekit.serve.imageio import read_image, write_mask
+
+    davis = DavisRoot(root)
+    seqs = list(sequences) if sequences else davis.sequences(split)
+    if max_sequences > 0:
+        seqs = seqs[:max_sequences]
+    model = copy.deepcopy(backbone).eval()
+    ext = FeatureExtractor(model, device=device)  # type: ignore[arg-type]
+    overrides = {"short_side": short_side} if (short_side > 0 and preset == "dino") else {}
+    cfg = make_preset(preset, **overrides)
+    own = workdir is None
+    out = Path(tempfile.mkdtemp(prefix="densekit-eval-")) if own else Path(workdir)  # type: ignore[arg-type]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for seq in seqs:
+                frames = [read_image(p) for p in davis.frame_paths(seq)]
+                first = davis.first_mask(seq)
+                H, W = first.shape
+                if short_side > 0 and min(H, W) != short_side:
+                    s = short_side / min(H, W)
+                    size = (max(1, round(W * s)), max(1, round(H * s)))
+                    frames = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames]
+                    first = cv2.resize(first, size, interpolation=cv2.INTER_NEAREST)
+                prop = MaskPropagator(ext, cfg)
+                names = davis.frame_names(seq)
+                (out / seq).mkdir(parents=True, exist_ok=True)
+                for name, mask in zip(names, prop.stream(frames, first)):
+                    if mask.shape != (H, W):
+                        mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
+                    write_mask(out / seq / f"{name}.png", mask)
+        res = evaluate_davis(root, out, sequences=seqs, workers=1)
+        row = res.global_row
+        return {"J&F": row["J&F-Mean"], "J": row["J-Mean"], "F": row["F-Mean"]}
+    finally:
+        if own:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    out: Path
+    step: int
+    halted: bool
+    images_per_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dataloader_error(exc: DensekitError) -> DensekitError:
+    """DataLoader workers re-raise with a traceback in the message: keep the original one-line reason."""
+    text = str(exc)
+    if "\n" not in text:
+        return exc
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    last = lines[-1]
+    if "DensekitError:" in last:
+        last = last.split("DensekitError:", 1)[1].strip()
+    return DensekitError(last)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else cpu; explicit names are checked."""
+    if name == "auto":
+        return torch.device(f"cuda:{dist.local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DensekitError(f"device {name!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{dist.local_rank()}")
+    return dev
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig`.
+
+    Args:
+        cfg: the resolved config (``cfg.out`` is the run directory).
+        resume: continue from ``cfg.out/state.safetensors``.
+        objective_cls: use this class instead of looking ``cfg.objective`` up.
+        backbone_fn: build the student backbone from the config (default: ``cfg.backbone`` via
+            :func:`densekit.serve.backbones.build_backbone`, or a ``.safetensors`` checkpoint to start from).
+        hooks: callables ``hook(trainer, step)`` run after each completed step (after any checkpoint).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        objective_cls: type[Objective] | None = None,
+        backbone_fn: Callable[[TrainConfig], nn.Module] | None = None,
+        hooks: Iterable[Hook] = (),
+    ) -> None:
+        if not cfg.out:
+            raise DensekitError("no output directory: pass --out RUN_DIR")
+        if not cfg.data.path:
+            raise DensekitError("no training data: pass --data PATH")
+        self.cfg = cfg
+        self.resume = resume
+        self.objective_cls = objective_cls or get_objective_class(cfg.objective)
+        if not cfg.objective:
+            cfg.objective = self.objective_cls.name or self.objective_cls.__name__
+        self.backbone_fn = backbone_fn
+        self.hooks = list(hooks)
+        self.out = Path(cfg.out)
+        self.step = 0
+        self.model: Objective | None = None
+
+    # -- building ------------------------------------------------------------------------------------
+
+    def _build_backbone(self) -> nn.Module:
+        cfg = self.cfg
+        if self.backbone_fn is not None:
+            return self.backbone_fn(cfg)
+        from densekit.serve.backbones import build_backbone
+
+        if cfg.backbone.lower().endswith(".safetensors"):
+            from densekit.serve.checkpoint import load_checkpoint
+
+            return load_checkpoint(cfg.backbone)
+        decoder = cfg.decoder if cfg.decoder is not None else bool(getattr(self.objective_cls, "backbone_decoder", False))
+        return build_backbone(cfg.backbone, seed=cfg.seed, decoder=decoder)
+
+    def _build_objective(self) -> Objective:
+        cfg = self.cfg
+        cfg.hparams = resolve_hparams(self.objective_cls, cfg.hparams)
+        defaults = resolve_hparams(self.objective_cls, {})
+        # Only values that differ from the (JSON form of the) defaults are passed, so the constructor keeps its
+        # own default objects (tuples, callables) and a resumed run builds exactly what the first run built.
+        kwargs = {k: v for k, v in cfg.hparams.items() if k not in defaults or defaults[k] != v}
+        backbone = self._build_backbone().train()
+        torch.manual_seed(cfg.seed)  # head initialisation is a function of the seed
+        name = self.objective_cls.name or self.objective_cls.__name__
+        try:
+            model = self.objective_cls(backbone, **kwargs)
+        except DensekitError:
+            raise
+        except (ValueError, TypeError, RuntimeError, AssertionError, KeyError, NotImplementedError) as exc:
+            raise DensekitError(
+                f"objective {name} does not fit backbone {cfg.backbone}: {_one_line(exc)}"
+            ) from exc
+        if model.data not in ("pairs", "images"):
+            raise DensekitError(f"objective {name} declares data={model.data!r}; expected 'pairs' or 'images'")
+        return model
+
+    def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # No weight decay on biases and norm scales (1-d), the common practice of MoCo v3/DINO/timm.
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise DensekitError("the objective has no trainable parameters")
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]))
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        mine = _rng_state()
+        if dist.world_size() == 1:
+            return [mine]
+        import torch.distributed as td
+
+        out: list[Any] = [None] * dist.world_size()
+        td.all_gather_object(out, mine)  # in-memory only; what is written is JSON
+        return out
+
+    def _save_state(self, model: Objective, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        rngs = self._gather_rng()
+        if dist.rank() == 0:
+            tensors = {f"model.{k}": _cpu(v) for k, v in model.state_dict().items()}
+            opt_t, opt_rest = optimizer_to_flat(optimizer.state_dict())
+            tensors.update(opt_t)
+            meta = {
+                "format": STATE_FORMAT,
+                "step": self.step,
+                "world_size": dist.world_size(),
+                "config": to_dict(self.cfg),
+                "optimizer": opt_rest,
+                "scaler": _jsonable(scaler.state_dict()) if scaler is not None else {},
+                "rng": rngs,
+                "torch_version": torch.__version__,
+                "time": time.time(),
+            }
+            save_state(self.out / STATE_FILE, tensors, meta)
+        dist.barrier()
+
+    def _load_state(self, model: Objective, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            raise DensekitError(f"cannot resume: no {STATE_FILE} in {self.out}")
+        tensors, meta = load_state(path)
+        old = flat(meta["config"])
+        new = flat(to_dict(self.cfg))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            k = changed[0]
+            raise DensekitError(
+                f"cannot resume with a different {k} ({old.get(k)!r} -> {new.get(k)!r}); "
+                f"{len(changed)} setting(s) differ from the saved run"
+            )
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(model_sd, strict=True)
+        except RuntimeError as exc:
+            raise DensekitError(f"{path}: saved model state does not fit this objective: {_one_line(exc)}") from None
+        optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        self.step = int(meta["step"])
+        rngs = meta["rng"]
+        if meta["world_size"] != dist.world_size():
+            log.warning("resuming a %d-process run with %d processes: RNG streams of ranks > 0 are re-seeded; "
+                        "the result is not bit-identical", meta["world_size"], dist.world_size())
+        _set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train until ``max_steps`` (or ``halt_at``); returns a :class:`TrainResult` (on every rank)."""
+        cfg = self.cfg
+        device = resolve_device(cfg.device)
+        started_dist = False
+        if dist.env_requests_distributed() and not dist.is_distributed():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            started_dist = dist.init_from_env(str(device))
+        prev_det = torch.are_deterministic_algorithms_enabled()
+        if cfg.deterministic:
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+        try:
+            return self._fit(device)
+        finally:
+            torch.use_deterministic_algorithms(prev_det)
+            if started_dist:
+                import torch.distributed as td
+
+                td.destroy_process_group()
+
+    def _fit(self, device: torch.device) -> TrainResult:
+        from densekit.train.data import StepBatchSampler, build_dataset, make_loader
+
+        cfg = self.cfg
+        rank, world = dist.rank(), dist.world_size()
+        state_path = self.out / STATE_FILE
+        if not self.resume and state_path.exists():
+            raise DensekitError(f"{self.out} already holds a training run; pass --resume or choose another --out")
+        if cfg.batch_size % world:
+            raise DensekitError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (2**32))
+        model = self._build_objective()
+        self.model = model
+        dataset = build_dataset(
+            cfg.data.path, model.data, model.transform(), seed=cfg.seed, size=(cfg.data.size[0], cfg.data.size[1]),
+            kind=cfg.data.kind, split=cfg.data.split, gap_min=cfg.data.gap_min, gap_max=cfg.data.gap_max,
+            crop=cfg.data.crop, crop_scale=cfg.data.crop_scale, frame_step=cfg.data.frame_step,
+            skip_short=cfg.data.skip_short,
+        )
+        model.to(device)
+        if world > 1 and cfg.ddp.sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+            self.model = model
+        optimizer = self._build_optimizer(model)
+        use_amp = device.type == "cuda" and cfg.precision in ("auto", "fp16", "bf16")
+        amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+        if self.resume:
+            self._load_state(model, optimizer, scaler)
+        else:
+            torch.manual_seed(cfg.seed + rank)  # per-rank stream for objectives' torch randomness
+        if rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / CONFIG_FILE, dump_yaml(cfg))
+        dist.barrier()
+
+        fwd: nn.Module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=cfg.ddp.find_unused_parameters,
+                      **dist.ddp_buffer_kwargs(cfg.ddp.broadcast_buffers))
+
+        end = cfg.max_steps if not cfg.halt_at else min(cfg.max_steps, cfg.halt_at)
+        sampler = StepBatchSampler(self.step, end, cfg.batch_size, rank, world)
+        loader = make_loader(dataset, sampler, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                             pin_memory=device.type == "cuda")
+        params = [p for p in model.parameters() if p.requires_grad]
+        writer = self._tensorboard() if rank == 0 else None
+        bar = None
+        if rank == 0 and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.objective}", unit="step",
+                       dynamic_ncols=True)
+        result = TrainResult(self.out, self.step, False, 0.0)
+        t_start, imgs = time.perf_counter(), 0
+        first_step = True
+        model.train()
+        try:
+            it = iter(loader)
+            while self.step < end:
+                try:
+                    batch = next(it)
+                except StopIteration:  # pragma: no cover - the sampler yields exactly the steps asked
+                    break
+                except DensekitError as exc:
+                    raise _dataloader_error(exc) from None
+                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                lr = lr_at(self.step, cfg)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                try:
+                    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                        out = fwd(batch)
+                    loss = out["loss"]
+                except DensekitError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as exc:
+                    if not first_step:
+                        raise
+                    raise DensekitError(
+                        f"objective {cfg.objective} failed on backbone {cfg.backbone} at its first step: {_one_line(exc)}"
+                    ) from exc
+                if not torch.isfinite(loss.detach()).all():
+                    raise DensekitError(f"the loss became non-finite at step {self.step}; lower optim.lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                grad_norm = torch.zeros(())
+                if cfg.optim.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                model.on_step_end(self.step, cfg.max_steps)
+                self.step += 1
+                first_step = False
+                imgs += len(next(iter(batch.values()))) * world
+                elapsed = max(time.perf_counter() - t_start, 1e-9)
+                result.images_per_s = imgs / elapsed
+
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    scalars = {k: float(dist.all_reduce_mean(v.detach().float()).item())
+                               for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+                    scalars.update(lr=lr, grad_norm=float(grad_norm), images_per_s=result.images_per_s)
+                    result.metrics = scalars
+                    if rank == 0:
+                        self._log(writer, scalars)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}")
+                if bar is not None:
+                    bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                    self._save_state(model, optimizer, scaler)
+                if cfg.eval.davis and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
+                    result.evals.append(self._evaluate(model, writer, device))
+                for hook in self.hooks:
+                    hook(self, self.step)
+            del it
+            self._save_state(model, optimizer, scaler)
+            result.step = self.step
+            if self.step >= cfg.max_steps:
+                if rank == 0:
+                    self._export(model)
+                if cfg.eval.davis:
+                    result.evals.append(self._evaluate(model, writer, device))
+                dist.barrier()
+            else:
+                result.halted = True
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return result
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _tensorboard(self) -> Any:
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard scalars")
+            return None
+        return SummaryWriter(log_dir=str(self.out / "tb"))
+
+    def _log(self, writer: Any, scalars: dict[str, float]) -> None:
+        if writer is not None:
+            for k, v in scalars.items():
+                writer.add_scalar(f"train/{k}", v, self.step)
+        with open(self.out / LOG_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": self.step, **scalars}) + "\n")
+
+    def _evaluate(self, model: Objective, writer: Any, device: torch.device) -> dict[str, float]:
+        ev = self.cfg.eval
+        scores: dict[str, float] = {}
+        if dist.rank() == 0:
+            t0 = time.perf_counter()
+            scores = davis_jf(model.student_backbone(), ev.davis, sequences=ev.sequences, split=ev.split,  # type: ignore[arg-type]
+                              max_sequences=ev.max_sequences, preset=ev.preset, short_side=ev.short_side,
+                              device=str(device))
+            scores = {"step": float(self.step), **scores, "seconds": time.perf_counter() - t0}
+            if writer is not None:
+                for k in ("J&F", "J", "F"):
+                    writer.add_scalar(f"eval/{k}", scores[k], self.step)
+            with open(self.out / LOG_FILE, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"eval": scores}) + "\n")
+            log.info("step %d: J&F %.4f (J %.4f, F %.4f)", self.step, scores["J&F"], scores["J"], scores["F"])
+        dist.barrier()
+        return scores
+
+    def _export(self, model: Objective) -> None:
+        from densekit.serve.backbones import DenseBackbone
+        from densekit.serve.checkpoint import save_checkpoint
+
+        student = model.student_backbone()
+        if not isinstance(student, DenseBackbone):
+            raise DensekitError("student_backbone() must return a DenseBackbone")
+        exported = copy.deepcopy(student).to("cpu").eval()
+        exported.meta = dataclasses.replace(exported.meta, objective=self.objective_cls.name or self.cfg.objective)
+        save_checkpoint(exported, self.out / BACKBONE_FILE, extra_meta={
+            "train_steps": self.step, "train_seed": self.cfg.seed, "train_hparams": self.cfg.hparams,
+        })
+
+
+def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.yaml`` of a run directory as a dict (for ``--resume``)."""
+    from densekit.train.config import load_yaml
+
+    p = Path(run_dir) / CONFIG_FILE
+    if not p.is_file():
+        raise DensekitError(f"cannot resume: no {CONFIG_FILE} in {run_dir}")
+    return load_yaml(p)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, **kwargs: Any) -> TrainResult:
+    """Build a :class:`Trainer` and run it (see its arguments)."""
+    return Trainer(cfg, resume=resume, **kwargs).fit()
+
+
+__all__ = [
+    "Trainer", "TrainResult", "train", "davis_jf", "lr_at", "get_objective_class", "available_objectives",
+    "resolve_hparams", "save_state", "load_state", "load_run_config", "from_dict",
+]
