@@ -56,7 +56,10 @@ def register(app: typer.Typer) -> None:
 
         from densekit.train.trainer import Trainer, get_objective_class
 
-        trainer = Trainer(cfg, resume=resume, objective_cls=get_objective_class(cfg.objective))
+        evaluator = None
+        if cfg.eval.davis:
+            from densekit.retrieval.backbone_eval import davis_jf_for_config as evaluator
+        trainer = Trainer(cfg, resume=resume, objective_cls=get_objective_class(cfg.objective), evaluator=evaluator)
         result = trainer.fit()
         import os
 

@@ -81,7 +81,7 @@ def _cfg(a: argparse.Namespace, name: str, data: Path, out: Path, steps: int, ex
 
 
 def _jf(backbone, root: Path, sequences, a: argparse.Namespace, short_side: int) -> float:  # noqa: ANN001
-    from densekit.train.trainer import davis_jf
+    from densekit.retrieval.backbone_eval import davis_jf
 
     return davis_jf(backbone, root, sequences=sequences, preset=a.preset, short_side=short_side)["J&F"]
 

@@ -277,13 +277,14 @@ def test_outputs_backbone_config_and_logs(sample: Path, tmp_path: Path) -> None:
 
 
 def test_eval_hook_reports_jf_and_leaves_training_untouched(sample: Path, tmp_path: Path) -> None:
+    from densekit.retrieval.backbone_eval import davis_jf_for_config
     from densekit.serve.davis import DavisRoot
     from densekit.train.trainer import Trainer
 
     seq = DavisRoot(sample).sequences("val")[0]
     kw = {"objective_cls": TinyDense, "backbone_fn": tiny_backbone_bn}
     res = Trainer(_cfg(sample, tmp_path / "ev", "max_steps=3", f"eval.davis={sample}", "eval.every=2",
-                       f"eval.sequences=[{seq}]"), **kw).fit()
+                       f"eval.sequences=[{seq}]"), evaluator=davis_jf_for_config, **kw).fit()
     Trainer(_cfg(sample, tmp_path / "plain", "max_steps=3"), **kw).fit()
     assert [e["step"] for e in res.evals] == [2.0, 3.0]
     assert all(0.0 <= e["J&F"] <= 1.0 and e["J&F"] == pytest.approx((e["J"] + e["F"]) / 2) for e in res.evals)

@@ -37,8 +37,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ STATE_META_KEY = "densekit_train_state"
 STATE_FORMAT = 1
 
 Hook = Callable[["Trainer", int], None]
+Evaluator = Callable[[nn.Module, Any, str], dict[str, float]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,77 +243,6 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
-
-
-def davis_jf(
-    backbone: nn.Module,
-    root: str | os.PathLike[str],
-    *,
-    sequences: Iterable[str] | None = None,
-    split: str | None = None,
-    max_sequences: int = 0,
-    preset: str = "crw",
-    short_side: int = 0,
-    device: str = "cpu",
-    workdir: str | os.PathLike[str] | None = None,
-) -> dict[str, float]:
-    """J&F of label propagation with ``backbone``'s features on a DAVIS-format folder.
-
-    Frames (and the first mask, nearest) are optionally resized so the shorter side is ``short_side`` (CPU
-    budget), propagated with :class:`densekit.retrieval.propagation.MaskPropagator` (``preset``), and the
-    predicted masks resized back (nearest) to the annotation size before the official evaluator
-    (:func:`densekit.retrieval.davis_eval.evaluate_davis`) scores them. RNG states are left untouched.
-
-    Returns:
-        ``{"J&F": ..., "J": ..., "F": ...}``.
-    """
-    import cv2
-
-    from densekit.retrieval.davis_eval import evaluate_davis
-    from densekit.retrieval.propagation import MaskPropagator, preset as make_preset
-    from densekit.serve.davis import DavisRoot
-    from densekit.serve.extractor import FeatureExtractor
-    from densekit.serve.imageio import read_image, write_mask
-
-    davis = DavisRoot(root)
-    seqs = list(sequences) if sequences else davis.sequences(split)
-    if max_sequences > 0:
-        seqs = seqs[:max_sequences]
-    model = copy.deepcopy(backbone).eval()
-    ext = FeatureExtractor(model, device=device)  # type: ignore[arg-type]
-    overrides = {"short_side": short_side} if (short_side > 0 and preset == "dino") else {}
-    cfg = make_preset(preset, **overrides)
-    own = workdir is None
-    out = Path(tempfile.mkdtemp(prefix="densekit-eval-")) if own else Path(workdir)  # type: ignore[arg-type]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            for seq in seqs:
-                frames = [read_image(p) for p in davis.frame_paths(seq)]
-                first = davis.first_mask(seq)
-                H, W = first.shape
-                if short_side > 0 and min(H, W) != short_side:
-                    s = short_side / min(H, W)
-                    size = (max(1, round(W * s)), max(1, round(H * s)))
-                    frames = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames]
-                    first = cv2.resize(first, size, interpolation=cv2.INTER_NEAREST)
-                prop = MaskPropagator(ext, cfg)
-                names = davis.frame_names(seq)
-                (out / seq).mkdir(parents=True, exist_ok=True)
-                for name, mask in zip(names, prop.stream(frames, first)):
-                    if mask.shape != (H, W):
-                        mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
-                    write_mask(out / seq / f"{name}.png", mask)
-        res = evaluate_davis(root, out, sequences=seqs, workers=1)
-        row = res.global_row
-        return {"J&F": row["J&F-Mean"], "J": row["J-Mean"], "F": row["F-Mean"]}
-    finally:
-        if own:
-            shutil.rmtree(out, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------
 
@@ -371,6 +299,10 @@ class Trainer:
         backbone_fn: build the student backbone from the config (default: ``cfg.backbone`` via
             :func:`densekit.serve.backbones.build_backbone`, or a ``.safetensors`` checkpoint to start from).
         hooks: callables ``hook(trainer, step)`` run after each completed step (after any checkpoint).
+        evaluator: ``evaluator(backbone, eval_config, device) -> {"J&F", "J", "F"}``, run every
+            ``eval.every`` steps when ``eval.davis`` is set. ``densekit train`` passes
+            :func:`densekit.retrieval.backbone_eval.davis_jf_for_config`; it is injected because train/
+            does not import retrieval/ (the import direction of the house).
     """
 
     def __init__(
@@ -381,6 +313,7 @@ class Trainer:
         objective_cls: type[Objective] | None = None,
         backbone_fn: Callable[[TrainConfig], nn.Module] | None = None,
         hooks: Iterable[Hook] = (),
+        evaluator: Evaluator | None = None,
     ) -> None:
         if not cfg.out:
             raise DensekitError("no output directory: pass --out RUN_DIR")
@@ -393,6 +326,9 @@ class Trainer:
             cfg.objective = self.objective_cls.name or self.objective_cls.__name__
         self.backbone_fn = backbone_fn
         self.hooks = list(hooks)
+        if cfg.eval.davis and evaluator is None:
+            raise DensekitError("eval.davis is set but no evaluator was given (densekit train passes one)")
+        self.evaluator = evaluator
         self.out = Path(cfg.out)
         self.step = 0
         self.model: Objective | None = None
@@ -701,9 +637,8 @@ class Trainer:
         scores: dict[str, float] = {}
         if dist.rank() == 0:
             t0 = time.perf_counter()
-            scores = davis_jf(model.student_backbone(), ev.davis, sequences=ev.sequences, split=ev.split,  # type: ignore[arg-type]
-                              max_sequences=ev.max_sequences, preset=ev.preset, short_side=ev.short_side,
-                              device=str(device))
+            assert self.evaluator is not None  # checked in __init__
+            scores = self.evaluator(model.student_backbone(), ev, str(device))
             scores = {"step": float(self.step), **scores, "seconds": time.perf_counter() - t0}
             if writer is not None:
                 for k in ("J&F", "J", "F"):
@@ -744,6 +679,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, **kwargs: Any) -> TrainResu
 
 
 __all__ = [
-    "Trainer", "TrainResult", "train", "davis_jf", "lr_at", "get_objective_class", "available_objectives",
+    "Trainer", "TrainResult", "train", "lr_at", "get_objective_class", "available_objectives",
     "resolve_hparams", "save_state", "load_state", "load_run_config", "from_dict",
 ]
