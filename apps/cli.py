@@ -40,6 +40,7 @@ def _propagation_config(
     topk: Optional[int],
     radius: Optional[float],
     temperature: Optional[float],
+    short_side: Optional[int] = None,
 ):
     from densekit.retrieval.propagation import PRESETS, preset as make_preset
 
@@ -47,9 +48,18 @@ def _propagation_config(
         raise DensekitError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     overrides = {
         k: v
-        for k, v in {"n_last": n_context, "topk": topk, "radius": radius, "temperature": temperature}.items()
+        for k, v in {
+            "n_last": n_context,
+            "topk": topk,
+            "radius": radius,
+            "temperature": temperature,
+            "short_side": short_side,
+        }.items()
         if v is not None
     }
+    if short_side is not None and overrides.get("resize", PRESETS[preset].resize) != "dino":
+        # resize="native" ignores short_side; saying nothing would let a user believe it took effect
+        overrides["resize"] = "dino"
     return make_preset(preset, **overrides)
 
 
@@ -123,6 +133,9 @@ def track(
     topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="Override: neighbours.")] = None,
     radius: Annotated[Optional[float], typer.Option("--radius", min=0, help="Override: radius (cells).")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6)] = None,
+    short_side: Annotated[
+        Optional[int], typer.Option("--short-side", min=16, help="Override: resize frames so the shorter side is this.")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Track the objects of a first-frame mask through a video; write one mask per frame."""
@@ -130,7 +143,7 @@ def track(
     from densekit.serve.extractor import FeatureExtractor
     from densekit.serve.imageio import open_video, read_mask
 
-    cfg = _propagation_config(preset, n_context, topk, radius, temperature)
+    cfg = _propagation_config(preset, n_context, topk, radius, temperature, short_side)
     source = open_video(video)
     first = read_mask(mask)
     extractor = FeatureExtractor(backbone, device=device)
@@ -152,6 +165,9 @@ def eval_davis(
     topk: Annotated[Optional[int], typer.Option("--topk", min=1)] = None,
     radius: Annotated[Optional[float], typer.Option("--radius", min=0)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6)] = None,
+    short_side: Annotated[
+        Optional[int], typer.Option("--short-side", min=16, help="Override: resize frames so the shorter side is this.")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Propagate every sequence's first mask, then score J&F exactly as davis2017-evaluation does."""
@@ -161,7 +177,7 @@ def eval_davis(
     from densekit.serve.extractor import FeatureExtractor
     from densekit.serve.imageio import open_video
 
-    cfg = _propagation_config(preset, n_context, topk, radius, temperature)
+    cfg = _propagation_config(preset, n_context, topk, radius, temperature, short_side)
     davis = DavisRoot(root)
     names = davis.sequences(split)
     if sequences:

@@ -1,0 +1,127 @@
+"""``densekit export onnx|trt|triton``: exported models with verified parity.
+
+Typer only at import time; torch, onnx, onnxruntime and tensorrt are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+export_app = typer.Typer(
+    help="Export a backbone: ONNX (verified against PyTorch), TensorRT engine, Triton model repository.",
+    no_args_is_help=True,
+)
+
+MODEL_HELP = (
+    "Backbone name (resnet18, resnet50, efficientnet_lite0, pixels, timm:<name>) or a densekit .safetensors checkpoint."
+)
+
+
+@export_app.command("onnx")
+def export_onnx_command(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    out: Annotated[Path, typer.Option("--out", help="Destination .onnx file (written atomically).")],
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18 for timm ViTs).")] = 18,
+    static: Annotated[
+        Optional[str], typer.Option("--static", help="H,W: fix height and width (batch stays dynamic).")
+    ] = None,
+    half: Annotated[
+        bool, typer.Option("--half", help="float16 graph (float32 I/O; LayerNorm/Softmax in float32).")
+    ] = False,
+    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim.")] = False,
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="auto (TorchScript for CNNs, dynamo for ViTs) | torchscript | dynamo.")
+    ] = "auto",
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the ONNX Runtime vs PyTorch parity check.")
+    ] = False,
+) -> None:
+    """Export to ONNX with the model contract in metadata_props; check it against PyTorch on real photos."""
+    from densekit.export.onnx import export_onnx, parse_hw
+
+    report = export_onnx(
+        model,
+        out,
+        opset=opset,
+        static=parse_hw(static),
+        half=half,
+        simplify=simplify,
+        exporter=exporter,
+        verify=not no_verify,
+        log=typer.echo,
+    )
+    extras = [f"opset {report.opset}", f"{report.exporter} exporter"]
+    if report.simplified_by:
+        extras.append(f"simplified by {report.simplified_by}")
+    if report.half:
+        extras.append("fp16")
+    shape = "static " + "x".join(map(str, report.static)) if report.static else "dynamic batch/height/width"
+    typer.echo(f"wrote {out} ({', '.join(extras)}, {shape}) in {report.seconds:.1f}s")
+
+
+@export_app.command("trt")
+def export_trt_command(
+    model: Annotated[str, typer.Argument(help="An .onnx file from `densekit export onnx`, or " + MODEL_HELP)],
+    out: Annotated[
+        Path, typer.Option("--out", help="Destination engine (.engine/.plan); metadata goes to <out>.json.")
+    ],
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (LayerNorm/Softmax kept FP32).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 engine, calibrated on --calib images.")] = False,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Folder of calibration images for --int8.")] = None,
+    min_shape: Annotated[Optional[str], typer.Option("--min-shape", help="Profile min, e.g. 1x3x64x64.")] = None,
+    opt_shape: Annotated[Optional[str], typer.Option("--opt-shape", help="Profile opt, e.g. 1x3x480x848.")] = None,
+    max_shape: Annotated[Optional[str], typer.Option("--max-shape", help="Profile max, e.g. 4x3x1088x1920.")] = None,
+    workspace: Annotated[Optional[float], typer.Option("--workspace", help="Workspace memory limit in GiB.")] = None,
+    timing_cache: Annotated[
+        Optional[Path], typer.Option("--timing-cache", help="Timing cache file (read if present, then updated).")
+    ] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the TensorRT vs ONNX Runtime check.")] = False,
+) -> None:
+    """Build a TensorRT engine (plain plan file + JSON sidecar); needs TensorRT >= 10 and an NVIDIA GPU."""
+    from densekit.export.trt import build_engine
+
+    report = build_engine(
+        model,
+        out,
+        fp16=fp16,
+        int8=int8,
+        calib=calib,
+        min_shape=min_shape,
+        opt_shape=opt_shape,
+        max_shape=max_shape,
+        workspace_gb=workspace,
+        timing_cache=timing_cache,
+        verify=not no_verify,
+        log=typer.echo,
+    )
+    typer.echo(
+        f"wrote {report.path} ({report.plan.precision}, TensorRT {report.info.tensorrt_version}) and "
+        f"{report.path.name}.json in {report.seconds:.1f}s"
+    )
+
+
+@export_app.command("triton")
+def export_triton_command(
+    model: Annotated[Path, typer.Argument(help="An exported .onnx file or TensorRT .engine/.plan.")],
+    repo: Annotated[Path, typer.Option("--repo", help="Triton model repository folder.")],
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="max_batch_size (default 8).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name (default: the file's stem).")] = None,
+) -> None:
+    """Write a Triton model repository entry (config.pbtxt with dynamic batching + the model file)."""
+    from densekit.export.triton import write_triton_repo
+
+    entry = write_triton_repo(model, repo, max_batch=max_batch, name=name)
+    cfg = entry.config
+    typer.echo(
+        f"wrote {entry.config_path} ({cfg['platform']}, max_batch_size {cfg['max_batch_size']}, input dims "
+        f"{cfg['input'][0]['dims']}, output dims {cfg['output'][0]['dims']}; parsed back with {entry.parsed_with}) "
+        f"and {entry.model_file}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``densekit export`` to the CLI."""
+    app.add_typer(export_app, name="export")
