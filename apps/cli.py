@@ -17,7 +17,7 @@ from densekit.serve.errors import DensekitError
 
 app = typer.Typer(
     name="densekit",
-    help="Dense self-supervised vision backbones: sample data, track masks through video, evaluate on DAVIS.",
+    help="Dense self-supervised vision backbones: train, export, serve, track masks through video, evaluate on DAVIS.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

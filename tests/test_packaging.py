@@ -41,7 +41,10 @@ def test_areas_import_as_densekit_namespace(area: str) -> None:
     assert Path(module.__file__).resolve().parent == ROOT / area
 
 
-@pytest.mark.parametrize("args", [[], ["track"], ["eval", "davis"], ["data", "sample"], ["info"]])
+@pytest.mark.parametrize(
+    "args",
+    [[], ["track"], ["eval", "davis"], ["data", "sample"], ["info"], ["train"], ["serve"], ["export", "onnx"], ["export", "trt"]],
+)
 def test_help_does_not_import_torch(args: list[str]) -> None:
     code = (
         "import sys\n"
