@@ -23,3 +23,15 @@ def davis2016_mini(shared_data: Path) -> Path:
     if not root.is_dir():
         pytest.skip(f"{root} not found")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """pytest -n 2 runs two workers on two cores: one intra-op thread each, or training steps run many
+    times slower from oversubscription."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

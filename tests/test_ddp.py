@@ -132,14 +132,6 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, data
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_gather_with_grad_gives_single_process_gradients(spawned: tuple[Path, Path]) -> None:
     from safetensors.torch import load_file
 

@@ -19,14 +19,6 @@ from densekit.train.objectives.densecl import dense_correspondence
 TINY = dict(hidden_dim=32, out_dim=16, queue_len=64, crop_size=64, grid_size=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images() -> list[np.ndarray]:
     """Four different real photos (scikit-image), uint8 RGB."""
     return [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]

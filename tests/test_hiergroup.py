@@ -14,14 +14,6 @@ from densekit.serve.errors import DensekitError  # noqa: E402
 from densekit.train.objectives.hiergroup import HierGroupContrast  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def objective() -> HierGroupContrast:
     return HierGroupContrast(build_backbone("resnet18"), size=64, cns=3).train()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,15 +16,6 @@ from densekit.train.objectives import OBJECTIVES, PooDLe
 from densekit.train.objectives.poodle import dense_equivariance_loss
 
 TINY = dict(hidden_dim=32, proj_dim=16, crop_size=(64, 64), subcrop_size=32, subcrop_num=2, flow="dis")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # the test machine is shared: one intra-op thread is faster than oversubscribing
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def smooth_field(c: int, h: int, w: int, seed: int) -> torch.Tensor:

@@ -143,15 +143,6 @@ def tiny_backbone_nobn(cfg: TrainConfig) -> DenseBackbone:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine is shared: one intra-op thread is many times faster than oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from densekit.serve.sample import make_sample

@@ -14,15 +14,6 @@ from densekit.serve.errors import DensekitError
 from densekit.train.objectives.vicregl import VICRegL, cell_locations, nearest_matches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine is shared; one intra-op thread is faster than oversubscribed cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images(n: int, size: int = 80, seed: int = 0) -> list[np.ndarray]:
     """Random rectangles on a random background: structure for the crops to share."""
     out = []
