@@ -43,7 +43,7 @@ def test_areas_import_as_densekit_namespace(area: str) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["track"], ["eval", "davis"], ["data", "sample"], ["info"], ["train"], ["serve"], ["export", "onnx"], ["export", "trt"]],
+    [[], ["track"], ["eval", "davis"], ["data", "sample"], ["info"], ["train"], ["serve"], ["export", "onnx"], ["export", "trt"], ["index", "build"], ["index", "search"]],
 )
 def test_help_does_not_import_torch(args: list[str]) -> None:
     code = (

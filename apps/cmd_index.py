@@ -1,0 +1,172 @@
+"""``densekit index build|search``: a FAISS index of image segments (densekit.retrieval.segment_index).
+
+Typer only at import time; numpy, OpenCV, faiss and torch are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from densekit.serve.errors import DensekitError
+
+index_app = typer.Typer(
+    help="Segment retrieval: index images as K-means segments of dense features, search by a region.",
+    no_args_is_help=True,
+)
+
+MODEL_HELP = (
+    "Backbone name (resnet18, resnet50, efficientnet_lite0, pixels, timm:<name>) or a densekit .safetensors "
+    "checkpoint. Needed to create an index; an existing index uses its own model (a different one is an error)."
+)
+
+
+def _parse_numbers(text: str | None, n: int, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise DensekitError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+@index_app.command("build")
+def build_command(
+    images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    index: Annotated[Path, typer.Option("--index", help="Index folder (created, or resumed if it exists).")],
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
+    factory: Annotated[
+        str, typer.Option("--factory", help="faiss.index_factory string: Flat | HNSW32 | IVF{n},PQ{m} | IVF{n},Flat.")
+    ] = "Flat",
+    segments: Annotated[int, typer.Option("--segments", min=1, help="K-means segments per image.")] = 15,
+    spatial_weight: Annotated[
+        float, typer.Option("--spatial-weight", min=0.0, help="Weight of the (y, x) term in K-means.")
+    ] = 0.0,
+    max_side: Annotated[int, typer.Option("--max-side", min=16, help="Resize images to this longer side.")] = 512,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="FAISS threads (default: all).")] = None,
+) -> None:
+    """Index every image under IMAGES_DIR; images already in the index are skipped (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from densekit.retrieval.segment_index import DB_NAME, SegmentIndex, list_images
+
+    files = list_images(images_dir)
+    if (index / DB_NAME).exists():
+        idx = SegmentIndex.open(index, model, threads=threads)
+        typer.echo(f"resuming {index}: {len(idx)} images already indexed")
+    else:
+        if model is None:
+            raise DensekitError("--model is required to create a new index")
+        idx = SegmentIndex.create(
+            index, model, factory=factory, segments_per_image=segments, spatial_weight=spatial_weight,
+            max_side=max_side, threads=threads,
+        )
+    with idx, Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), transient=False,
+    ) as progress:
+        task = progress.add_task("indexing", total=len(files))
+        report = idx.add_images(files, progress=lambda _name, _added: progress.advance(task))
+        total_images, total_segments = len(idx), idx.n_segments
+    for name, reason in report.skipped:
+        if reason != "already indexed":
+            typer.echo(f"skipped {name}: {reason}", err=True)
+    already = sum(1 for _, r in report.skipped if r == "already indexed")
+    typer.echo(
+        f"added {len(report.added)} images ({report.segments} segments); {already} already indexed; "
+        f"{len(report.skipped) - already} skipped; index {index}: {total_images} images, {total_segments} segments"
+    )
+
+
+@index_app.command("search")
+def search_command(
+    index: Annotated[Path, typer.Option("--index", help="Index folder made by `densekit index build`.")],
+    image: Annotated[Path, typer.Option("--image", help="Query image.")],
+    point: Annotated[Optional[str], typer.Option("--point", help="x,y: the query image's segment under it.")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Query mask PNG (non-zero = region).")] = None,
+    box: Annotated[Optional[str], typer.Option("--box", help="x0,y0,x1,y1: the cells inside this box.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of hits.")] = 10,
+    grid: Annotated[
+        Optional[Path], typer.Option("--grid", help="Write a PNG grid of the query and its hits with outlines.")
+    ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Override the stored model (must match).")] = None,
+) -> None:
+    """Find the segments most similar to a region of the query image (whole image if no region)."""
+    from densekit.retrieval.segment_index import SegmentIndex
+    from densekit.serve.imageio import read_image, read_mask
+
+    pt = _parse_numbers(point, 2, "--point")
+    bx = _parse_numbers(box, 4, "--box")
+    query = read_image(image)
+    qmask = read_mask(mask) > 0 if mask is not None else None
+    with SegmentIndex.open(index, model) as idx:
+        hits = idx.search(query, mask=qmask, point=pt, box=bx, k=k)
+        if grid is not None:
+            feats = idx._features(query)
+            cells = idx.query_cells(query, feats, mask=qmask, point=pt, box=bx)
+            from densekit.retrieval.segment_index import _upsample
+
+            region = _upsample(cells, query.shape[0], query.shape[1])
+    typer.echo(f"{'rank':>4}  {'score':>7}  {'image':>6}  {'segment':>7}  box              path")
+    for rank, h in enumerate(hits, 1):
+        box_s = ",".join(str(v) for v in h.box)
+        typer.echo(f"{rank:>4}  {h.score:7.4f}  {h.image_id:>6}  {h.segment_id:>7}  {box_s:<15}  {h.path or '-'}")
+    if grid is not None:
+        write_grid(grid, query, region, hits)
+        typer.echo(f"wrote {grid}")
+
+
+def write_grid(dest: Path, query: Any, region: Any, hits: list, tile: int = 192, cols: int = 5) -> None:
+    """PNG grid: the query with its region outlined (yellow), then each hit with its segment (green)."""
+    import cv2
+    import numpy as np
+
+    from densekit.serve.atomic import atomic_path
+    from densekit.serve.imageio import read_image
+
+    def make_tile(img: np.ndarray | None, mask: np.ndarray | None, colour: tuple[int, int, int], label: str) -> np.ndarray:
+        out = np.full((tile, tile, 3), 40, np.uint8)
+        if img is not None:
+            img = img.copy()
+            if mask is not None:
+                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                thick = max(2, round(max(img.shape[:2]) / tile * 2))
+                cv2.drawContours(img, contours, -1, colour, thick)
+            h, w = img.shape[:2]
+            s = tile / max(h, w)
+            small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+            y, x = (tile - small.shape[0]) // 2, (tile - small.shape[1]) // 2
+            out[y : y + small.shape[0], x : x + small.shape[1]] = small
+        cv2.putText(out, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(out, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        return out
+
+    tiles = [make_tile(query, region, (255, 255, 0), "query")]
+    for rank, h in enumerate(hits, 1):
+        img = None
+        if h.path is not None:
+            try:
+                img = read_image(h.path)
+            except DensekitError:
+                img = None  # the indexed file was moved or deleted since: draw an empty tile
+        if img is not None and img.shape[:2] != h.mask.shape:
+            img = None
+        tiles.append(make_tile(img, h.mask, (0, 255, 0), f"#{rank} {h.score:.3f} id{h.image_id}"))
+    while len(tiles) % cols:
+        tiles.append(np.full((tile, tile, 3), 255, np.uint8))
+    rows = [np.concatenate(tiles[i : i + cols], axis=1) for i in range(0, len(tiles), cols)]
+    sheet = np.concatenate(rows, axis=0)
+    with atomic_path(dest, suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
+            raise DensekitError(f"could not write {dest}")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``densekit index`` to the main app (called by densekit.apps.cli)."""
+    app.add_typer(index_app, name="index")

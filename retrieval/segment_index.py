@@ -1,0 +1,789 @@
+"""Segment retrieval: a FAISS index of image segments with SQLite metadata.
+
+Each indexed image is cut into segments by K-means over its L2-normalised dense embedding (K = 15 by
+default, the number of clusters the hierarchical-grouping paper uses per image: Zhang & Maire, "Self-
+Supervised Visual Representation Learning from Hierarchical Grouping", NeurIPS 2020), optionally with a
+spatial term: the normalised cell coordinates ``(y/h, x/w)`` scaled by ``spatial_weight`` are appended
+to each feature before clustering, so segments are pulled towards spatial compactness. A segment's
+descriptor is the mean feature over its cells, L2-normalised; search is by inner product
+(``METRIC_INNER_PRODUCT`` passed at construction, as the FAISS wiki "MetricType and distances"
+prescribes for cosine similarity; setting ``.metric`` afterwards gives wrong scores, faiss #1083).
+
+A query is a region of an image: a mask (resized to the feature grid, cells at least half covered), a
+click point (the K-means segment of the query image under it, with the index's own K and spatial
+weight) or a box (the cells whose centres lie inside it). Its descriptor is the mean feature over
+those cells, L2-normalised.
+
+Storage in ``DIR``::
+
+    DIR/meta.sqlite          images, segments (box, RLE mask, area, descriptor), info (model, factory...)
+    DIR/segments-<G>.faiss   the FAISS index of generation G (the generation named in info)
+
+Masks are stored at *feature-grid* resolution (h x w = image size / stride after the resize to
+``max_side``), run-length encoded in COCO's uncompressed convention (column-major, counts start with
+a run of zeros); :class:`Hit.mask` is that mask resized (nearest) to the image's original size. Boxes
+(``x0, y0, x1, y1``, exclusive ends) and areas are in original-image pixels.
+
+Consistency (a crash at any point leaves a consistent pair). SQLite is the source of truth: it holds
+every segment's descriptor as well as its metadata. Every mutation runs as::
+
+    1. BEGIN; write the rows (or delete them); set info.generation = G + 1      (not committed)
+    2. update the in-memory FAISS index; write it to a temp file and rename it onto
+       segments-<G+1>.faiss                                                    (atomic_path)
+    3. COMMIT the SQLite transaction
+    4. delete segments-<G>.faiss
+
+A crash before 3 leaves generation G in SQLite and its file intact (segments-<G+1>.faiss is an orphan,
+deleted on the next open); a crash after 3 leaves G+1 and its file, with an orphaned old file. On
+:meth:`SegmentIndex.open` the file of the committed generation is read (fast: one ``read_index``) and its
+``ntotal`` is reconciled against the segment count in SQLite; if the file is missing or disagrees it is
+rebuilt from the stored descriptors (and written as a new generation). The same rebuild serves index
+types that cannot remove vectors (HNSW) and the training of IVF indexes.
+
+IVF indexes are trained on a seeded sample (at most 256 x nlist descriptors, the FAISS
+``max_points_per_centroid`` default) once the index holds enough descriptors (``train_min``: 39 x nlist,
+and 256 more when PQ codes are used); until then the FAISS index is empty and search is exact over the
+stored descriptors (numpy), so small collections work with any factory. ``nprobe`` is set explicitly
+(faiss #1109: the default 1 gives poor recall).
+
+Threads: :func:`faiss.omp_set_num_threads` is called with ``threads`` (default ``os.cpu_count()``).
+faiss is imported lazily inside functions. Import order with torch: with faiss-cpu 1.15.1 and the
+torch wheel in this venv both orders (torch then faiss, faiss then torch) ran K-means and matmuls
+without a crash; other combinations are reported to segfault or abort with ``OMP: Error #15``
+(faiss #3401, #4273, faiss-wheels #40), so we never import faiss at module import time.
+
+GPU: when ``faiss.get_num_gpus() > 0`` searches run on a GPU clone of Flat/IVF indexes
+(``index_cpu_to_all_gpus``); the CPU index stays canonical and is what gets written. That path is
+untested here (no GPU build of faiss in this venv).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from densekit.serve.atomic import atomic_path
+from densekit.serve.errors import DensekitError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "meta.sqlite"
+SCHEMA_VERSION = "1"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY, path TEXT UNIQUE, width INTEGER NOT NULL, height INTEGER NOT NULL,
+    grid_h INTEGER NOT NULL, grid_w INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY, image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    label INTEGER NOT NULL, x0 INTEGER NOT NULL, y0 INTEGER NOT NULL, x1 INTEGER NOT NULL,
+    y1 INTEGER NOT NULL, area INTEGER NOT NULL, rle BLOB NOT NULL, descriptor BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS segments_image ON segments(image_id);
+"""
+
+
+def _faiss() -> Any:
+    import faiss  # lazily: see the module docstring on OpenMP import order
+
+    return faiss
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set FAISS's OpenMP thread count explicitly (default ``os.cpu_count()``); returns it."""
+    n = int(threads or os.cpu_count() or 1)
+    _faiss().omp_set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------------------- RLE masks
+def rle_encode(mask: np.ndarray) -> np.ndarray:
+    """(h, w) bool -> uint32 run lengths, COCO order (column-major, first run counts zeros)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds)
+    if flat.size and flat[0]:
+        runs = np.concatenate([[0], runs])
+    return runs.astype(np.uint32)
+
+
+def rle_decode(runs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`rle_encode` -> (h, w) bool."""
+    values = np.arange(len(runs)) % 2 == 1
+    flat = np.repeat(values, np.asarray(runs, dtype=np.int64))
+    return flat.reshape(shape, order="F")
+
+
+# ------------------------------------------------------------------------------------- segmentation
+def kmeans_segments(
+    feats: np.ndarray, k: int = 15, spatial_weight: float = 0.0, seed: int = 0, niter: int = 20
+) -> np.ndarray:
+    """(D, h, w) unit-norm features -> (h, w) int labels 0..K'-1 (K' <= k; empty clusters dropped).
+
+    K is capped at the number of cells. ``min_points_per_centroid`` is lowered to 1: small images have
+    fewer than FAISS's 39 x K (= 585 for K = 15) points and would otherwise print a warning each time.
+    FAISS K-means is Lloyd's algorithm from a seeded random choice of initial centroids.
+    """
+    faiss = _faiss()
+    d, h, w = feats.shape
+    x = np.ascontiguousarray(feats.reshape(d, h * w).T, dtype=np.float32)
+    if spatial_weight > 0:
+        yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+        xy = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float32) * float(spatial_weight)
+        x = np.ascontiguousarray(np.concatenate([x, xy], axis=1))
+    k = max(1, min(int(k), h * w))
+    if k == 1:
+        return np.zeros((h, w), dtype=np.int64)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed) + 1, min_points_per_centroid=1, verbose=False)
+    # One image's K-means is tiny (hundreds of points): OpenMP fork/barrier overhead dominates. Measured
+    # here (2 busy cores, 144 x 192-d points, K = 6): 0.15 s with 2 threads vs 0.001 s with 1 thread.
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+    finally:
+        faiss.omp_set_num_threads(previous)
+    labels = assign.ravel()
+    _, compact = np.unique(labels, return_inverse=True)
+    return compact.reshape(h, w).astype(np.int64)
+
+
+def region_descriptor(feats: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Mean of (D, h, w) features over the (h, w) bool ``cells``, L2-normalised -> (D,) float32."""
+    v = feats[:, cells].mean(axis=1)
+    return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- data types
+@dataclass
+class Hit:
+    """One search result. ``mask`` is (height, width) bool in the hit image's original pixels."""
+
+    image_id: int
+    path: str | None
+    segment_id: int
+    score: float
+    box: tuple[int, int, int, int]
+    mask: np.ndarray = field(repr=False)
+
+
+@dataclass
+class AddReport:
+    """What :meth:`SegmentIndex.add_images` did: ids added, and (item, reason) for each skip."""
+
+    added: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    segments: int = 0
+
+
+@dataclass
+class _Prepared:
+    image_id: int | None
+    path: str | None
+    width: int
+    height: int
+    labels: np.ndarray  # (h, w)
+    descriptors: np.ndarray  # (K', D)
+
+
+def _parse_factory(factory: str) -> tuple[str, int | None, bool]:
+    """-> (faiss factory string with IDMap where needed, nlist or None, uses PQ)."""
+    f = factory.strip()
+    if not f:
+        raise DensekitError("empty --factory")
+    m = re.search(r"IVF(\d+)", f)
+    nlist = int(m.group(1)) if m else None
+    uses_pq = bool(re.search(r"PQ\d+", f))
+    if nlist is None and not f.startswith("IDMap"):
+        f = "IDMap," + f  # Flat and HNSW have no add_with_ids (FAISS wiki "Faiss indexes")
+    return f, nlist, uses_pq
+
+
+class SegmentIndex:
+    """A directory holding a FAISS index of image segments plus SQLite metadata (see module docs).
+
+    Make one with :meth:`create`, reopen with :meth:`open`. ``len(index)`` is the number of images.
+    """
+
+    def __init__(self, root: Path, conn: sqlite3.Connection, extractor: Any, info: dict[str, str]) -> None:
+        self.root = root
+        self._conn = conn
+        self.extractor = extractor
+        self.info = info
+        self.dim = int(info["dim"])
+        self.k = int(info["segments_per_image"])
+        self.spatial_weight = float(info["spatial_weight"])
+        self.max_side = int(info["max_side"])
+        self.seed = int(info["seed"])
+        self._index: Any = None
+        self._gpu_index: Any = None
+
+    # ---------------------------------------------------------------------------- construction
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike[str],
+        model: str | Any,
+        factory: str = "Flat",
+        segments_per_image: int = 15,
+        spatial_weight: float = 0.0,
+        *,
+        nprobe: int = 16,
+        max_side: int = 512,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> SegmentIndex:
+        """Create an empty index in ``root`` (DensekitError if one is already there).
+
+        Args:
+            model: a backbone name / checkpoint path (stored, so :meth:`open` can rebuild the extractor)
+                or a ready :class:`~densekit.serve.extractor.FeatureExtractor` (then pass it to ``open``).
+            factory: a ``faiss.index_factory`` string: ``Flat``, ``HNSW32``, ``IVF{n},PQ{m}``,
+                ``IVF{n},Flat``...; IDMap is prepended where the type needs it.
+            segments_per_image: K of the per-image K-means (fewer when an image has fewer cells).
+            spatial_weight: scale of the appended normalised (y, x) cell coordinates (0 = off).
+            nprobe: IVF lists visited per query. max_side: images are resized so their longer side is at
+                most this before feature extraction. seed: K-means and IVF-training seed.
+        """
+        root = Path(root)
+        if (root / DB_NAME).exists():
+            raise DensekitError(f"{root} already holds a segment index; open it instead")
+        if segments_per_image < 1:
+            raise DensekitError("segments_per_image must be >= 1")
+        set_threads(threads)
+        extractor, spec = _make_extractor(model)
+        meta = extractor.meta
+        fstring, nlist, uses_pq = _parse_factory(factory)
+        try:
+            index = _new_index(int(meta.dim), fstring)
+        except RuntimeError as exc:
+            detail = re.sub(r"^.*?\.cpp:\d+:\s*", "", _first_line(exc))
+            raise DensekitError(f"faiss cannot build factory {factory!r}: {detail}") from None
+        root.mkdir(parents=True, exist_ok=True)
+        conn = _connect(root / DB_NAME)
+        info = {
+            "schema": SCHEMA_VERSION,
+            "model": spec or "",
+            "model_name": meta.name,
+            "dim": str(meta.dim),
+            "stride": str(meta.stride),
+            "model_meta": meta.to_json(),
+            "factory": factory,
+            "faiss_factory": fstring,
+            "nlist": str(nlist or 0),
+            "train_min": str(_train_min(nlist, uses_pq)),
+            "nprobe": str(nprobe),
+            "segments_per_image": str(segments_per_image),
+            "spatial_weight": str(float(spatial_weight)),
+            "max_side": str(max_side),
+            "seed": str(seed),
+            "generation": "0",
+        }
+        with conn:
+            conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", list(info.items()))
+        self = cls(root, conn, extractor, info)
+        self._index = index
+        self._configure()
+        self._write_generation(0)
+        return self
+
+    @classmethod
+    def open(
+        cls, root: str | os.PathLike[str], model: str | Any | None = None, *, threads: int | None = None
+    ) -> SegmentIndex:
+        """Open an index: read the FAISS file + SQLite, reconcile counts (rebuild if they disagree).
+
+        ``model`` defaults to the one stored at creation; a model whose name or dim differs from the
+        index's raises DensekitError.
+        """
+        root = Path(root)
+        db = root / DB_NAME
+        if not db.is_file():
+            raise DensekitError(f"no segment index at {root} (missing {DB_NAME})")
+        set_threads(threads)
+        try:
+            conn = _connect(db)
+            info = dict(conn.execute("SELECT key, value FROM info").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise DensekitError(f"{db} is not a readable segment index: {_first_line(exc)}") from None
+        if info.get("schema") != SCHEMA_VERSION:
+            raise DensekitError(f"{db}: unknown schema version {info.get('schema')!r}")
+        if model is None:
+            if not info["model"]:
+                raise DensekitError(f"{root} was built with an in-memory extractor; pass model= to open it")
+            model = info["model"]
+        extractor, _ = _make_extractor(model)
+        meta = extractor.meta
+        if meta.name != info["model_name"] or int(meta.dim) != int(info["dim"]):
+            raise DensekitError(
+                f"index {root} was built with model {info['model_name']!r} (dim {info['dim']}), "
+                f"not {meta.name!r} (dim {meta.dim})"
+            )
+        self = cls(root, conn, extractor, info)
+        self._load()
+        return self
+
+    # ----------------------------------------------------------------------------------- faiss
+    def _file(self, generation: int) -> Path:
+        return self.root / f"segments-{generation}.faiss"
+
+    def _generation(self) -> int:
+        return int(self._conn.execute("SELECT value FROM info WHERE key='generation'").fetchone()[0])
+
+    def _configure(self) -> None:
+        faiss = _faiss()
+        if int(self.info["nlist"]):
+            faiss.ParameterSpace().set_index_parameter(self._index, "nprobe", int(self.info["nprobe"]))
+        self._gpu_index = None
+
+    def _expected_ntotal(self) -> int:
+        n = self._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+        return n if self._index.is_trained else 0
+
+    def _load(self) -> None:
+        faiss = _faiss()
+        gen = self._generation()
+        path = self._file(gen)
+        for stray in self.root.glob("segments-*.faiss"):
+            if stray != path:
+                stray.unlink(missing_ok=True)  # orphans of an interrupted commit (module docstring)
+        ok = False
+        if path.is_file():
+            try:
+                self._index = faiss.read_index(str(path))
+                ok = self._index.ntotal == self._expected_ntotal()
+            except RuntimeError:
+                ok = False
+        if not ok:
+            log.warning("segment index %s: FAISS file missing or out of step with SQLite; rebuilding", self.root)
+            self._rebuild_in_memory()
+            with self._conn:
+                self._conn.execute("BEGIN")
+                self._commit_generation()
+        self._configure()
+
+    def _all_descriptors(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._conn.execute("SELECT id, descriptor FROM segments ORDER BY id").fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        x = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+        return ids, x
+
+    def _rebuild_in_memory(self) -> None:
+        self._index = _new_index(self.dim, self.info["faiss_factory"])
+        ids, x = self._all_descriptors()
+        self._maybe_train(x)
+        if self._index.is_trained and len(ids):
+            self._index.add_with_ids(np.ascontiguousarray(x), ids)
+        self._configure()
+
+    def _maybe_train(self, x: np.ndarray) -> None:
+        if self._index.is_trained or len(x) < int(self.info["train_min"]):
+            return
+        nlist = int(self.info["nlist"]) or 1
+        rng = np.random.default_rng(self.seed)
+        n = min(len(x), 256 * nlist)
+        sample = x[np.sort(rng.choice(len(x), n, replace=False))]
+        self._index.train(np.ascontiguousarray(sample))
+
+    def _write_generation(self, gen: int) -> None:
+        with atomic_path(self._file(gen)) as tmp:
+            _faiss().write_index(self._index, str(tmp))
+
+    def _commit_generation(self) -> None:
+        """Inside an open SQLite transaction: write the next FAISS generation, then commit."""
+        old = self._generation()
+        new = old + 1
+        self._conn.execute("UPDATE info SET value=? WHERE key='generation'", (str(new),))
+        self._write_generation(new)  # step 2: temp file + rename
+        self._conn.commit()  # step 3
+        self._file(old).unlink(missing_ok=True)  # step 4
+
+    def _mutate(self, write_rows: Callable[[], None], update_index: Callable[[], None]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            write_rows()
+            update_index()
+            self._commit_generation()
+        except BaseException:
+            conn.rollback()
+            # the in-memory FAISS index may hold vectors SQLite no longer has: reload the committed pair
+            self._load()
+            raise
+
+    # ------------------------------------------------------------------------------------ adding
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """image -> (feats (D,h,w), labels (h,w), descriptors (K',D))."""
+        feats = self._features(image)
+        labels = kmeans_segments(feats, self.k, self.spatial_weight, self.seed)
+        descs = np.stack([region_descriptor(feats, labels == s) for s in range(labels.max() + 1)])
+        return feats, labels, descs
+
+    def _features(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        if scale < 1.0:
+            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        mult = int(self.extractor.meta.input_multiple)
+        if min(image.shape[:2]) < mult:
+            raise DensekitError(f"image {w}x{h} is smaller than the model's input multiple {mult}")
+        return np.asarray(self.extractor(image), dtype=np.float32)
+
+    def add_images(
+        self,
+        images: Iterable[str | os.PathLike[str] | np.ndarray],
+        ids: Sequence[int] | None = None,
+        *,
+        commit_every: int = 32,
+        progress: Callable[[str, bool], None] | None = None,
+    ) -> AddReport:
+        """Index images (paths or (H, W, 3) uint8 RGB arrays); returns an :class:`AddReport`.
+
+        Images that do not decode, paths already indexed and ids already taken are skipped and
+        reported; the rest are indexed. Work is committed every ``commit_every`` images, so an
+        interrupted run keeps what it finished. ``progress(item, added)`` is called per image.
+        """
+        from densekit.serve.imageio import read_image
+
+        items = list(images)
+        if ids is not None and len(ids) != len(items):
+            raise DensekitError(f"{len(ids)} ids for {len(items)} images")
+        report = AddReport()
+        pending: list[_Prepared] = []
+        taken_paths = {r[0] for r in self._conn.execute("SELECT path FROM images WHERE path IS NOT NULL")}
+        taken_ids = {r[0] for r in self._conn.execute("SELECT id FROM images")}
+        next_id = max(taken_ids, default=-1) + 1
+        for i, item in enumerate(items):
+            name = item if isinstance(item, str) else (str(item) if not isinstance(item, np.ndarray) else f"<array {i}>")
+            image_id = int(ids[i]) if ids is not None else None
+            path: str | None = None
+            try:
+                if isinstance(item, np.ndarray):
+                    arr = item
+                    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                        raise DensekitError(f"expected (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
+                else:
+                    path = str(Path(item).resolve())
+                    name = path
+                    if path in taken_paths:
+                        report.skipped.append((name, "already indexed"))
+                        if progress:
+                            progress(name, False)
+                        continue
+                    arr = read_image(path)
+                if image_id is None:
+                    image_id = next_id
+                if image_id in taken_ids:
+                    raise DensekitError(f"image id {image_id} is already in the index")
+                _, labels, descs = self._prepare(arr)
+            except DensekitError as exc:
+                report.skipped.append((name, str(exc)))
+                if progress:
+                    progress(name, False)
+                continue
+            taken_ids.add(image_id)
+            next_id = max(next_id, image_id + 1)
+            if path is not None:
+                taken_paths.add(path)
+            pending.append(_Prepared(image_id, path, arr.shape[1], arr.shape[0], labels, descs))
+            if progress:
+                progress(name, True)
+            if len(pending) >= commit_every:
+                self._commit_images(pending, report)
+                pending = []
+        if pending:
+            self._commit_images(pending, report)
+        return report
+
+    def _commit_images(self, batch: list[_Prepared], report: AddReport) -> None:
+        conn = self._conn
+        new_ids: list[int] = []
+        new_x: list[np.ndarray] = []
+
+        def write_rows() -> None:
+            seg_id = (conn.execute("SELECT MAX(id) FROM segments").fetchone()[0] or -1) + 1
+            for p in batch:
+                gh, gw = p.labels.shape
+                conn.execute(
+                    "INSERT INTO images(id, path, width, height, grid_h, grid_w) VALUES (?,?,?,?,?,?)",
+                    (p.image_id, p.path, p.width, p.height, gh, gw),
+                )
+                for s, desc in enumerate(p.descriptors):
+                    cells = p.labels == s
+                    full = _upsample(cells, p.height, p.width)
+                    ys, xs = np.nonzero(full)
+                    if len(ys):
+                        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+                    else:
+                        box = (0, 0, 0, 0)
+                    conn.execute(
+                        "INSERT INTO segments(id, image_id, label, x0, y0, x1, y1, area, rle, descriptor) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (seg_id, p.image_id, s, *box, int(full.sum()), rle_encode(cells).tobytes(),
+                         np.ascontiguousarray(desc, dtype=np.float32).tobytes()),
+                    )
+                    new_ids.append(seg_id)
+                    new_x.append(desc)
+                    seg_id += 1
+
+        def update_index() -> None:
+            if self._index.is_trained:
+                self._index.add_with_ids(np.ascontiguousarray(np.stack(new_x)), np.array(new_ids, dtype=np.int64))
+            else:
+                _, x = self._all_descriptors()  # rows of this transaction are visible to this connection
+                if len(x) >= int(self.info["train_min"]):
+                    self._rebuild_in_memory()
+            self._gpu_index = None
+
+        self._mutate(write_rows, update_index)
+        report.added.extend(p.image_id for p in batch if p.image_id is not None)
+        report.segments += len(new_ids)
+
+    # ---------------------------------------------------------------------------------- removing
+    def remove(self, image_ids: Iterable[int]) -> int:
+        """Remove images (and their segments); returns the number of images removed."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return 0
+        conn = self._conn
+        q = ",".join("?" * len(ids))
+        seg_ids = np.array(
+            [r[0] for r in conn.execute(f"SELECT id FROM segments WHERE image_id IN ({q})", ids)], dtype=np.int64
+        )
+        n_images = conn.execute(f"SELECT COUNT(*) FROM images WHERE id IN ({q})", ids).fetchone()[0]
+        if not n_images:
+            return 0
+
+        def write_rows() -> None:
+            conn.execute(f"DELETE FROM segments WHERE image_id IN ({q})", ids)
+            conn.execute(f"DELETE FROM images WHERE id IN ({q})", ids)
+
+        def update_index() -> None:
+            if not self._index.is_trained or not len(seg_ids):
+                return
+            try:
+                self._index.remove_ids(seg_ids)
+            except RuntimeError:  # HNSW cannot remove vectors: rebuild from the stored descriptors
+                self._rebuild_in_memory()
+            self._gpu_index = None
+
+        self._mutate(write_rows, update_index)
+        return int(n_images)
+
+    # --------------------------------------------------------------------------------- searching
+    def __len__(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+
+    @property
+    def n_segments(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0])
+
+    def query_cells(
+        self,
+        image: np.ndarray,
+        feats: np.ndarray,
+        mask: np.ndarray | None = None,
+        point: tuple[float, float] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+    ) -> np.ndarray:
+        """The (h, w) bool feature cells of the query region (see the module docstring)."""
+        given = [n for n, v in (("mask", mask), ("point", point), ("box", box)) if v is not None]
+        if len(given) > 1:
+            raise DensekitError(f"give one query region, not {' and '.join(given)}")
+        H, W = image.shape[:2]
+        _, h, w = feats.shape
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.shape[:2] != (H, W):
+                raise DensekitError(f"query mask is {m.shape[1]}x{m.shape[0]}, the image is {W}x{H}")
+            if not m.any():
+                raise DensekitError("query mask is empty")
+            cover = cv2.resize((m > 0).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+            cells = cover >= 0.5
+            if not cells.any():  # a region smaller than a cell: take the cell it covers most
+                cells = np.zeros((h, w), bool)
+                cells[np.unravel_index(int(np.argmax(cover)), cover.shape)] = True
+            return cells
+        if point is not None:
+            x, y = float(point[0]), float(point[1])
+            if not (0 <= x < W and 0 <= y < H):
+                raise DensekitError(f"point ({x:g}, {y:g}) is outside the {W}x{H} image")
+            labels = kmeans_segments(feats, self.k, self.spatial_weight, self.seed)
+            return labels == labels[min(int(y * h / H), h - 1), min(int(x * w / W), w - 1)]
+        if box is not None:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            x0, x1 = max(0.0, min(x0, x1)), min(float(W), max(x0, x1))
+            y0, y1 = max(0.0, min(y0, y1)), min(float(H), max(y0, y1))
+            if x1 <= x0 or y1 <= y0:
+                raise DensekitError(f"box {tuple(box)} does not overlap the {W}x{H} image")
+            cy = (np.arange(h) + 0.5) * H / h
+            cx = (np.arange(w) + 0.5) * W / w
+            cells = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
+            if not cells.any():
+                cells = np.zeros((h, w), bool)
+                cells[min(int((y0 + y1) / 2 * h / H), h - 1), min(int((x0 + x1) / 2 * w / W), w - 1)] = True
+            return cells
+        return np.ones((h, w), bool)
+
+    def search(
+        self,
+        image: str | os.PathLike[str] | np.ndarray,
+        mask: np.ndarray | None = None,
+        point: tuple[float, float] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+        k: int = 10,
+    ) -> list[Hit]:
+        """Segments most similar to a region of ``image`` (a mask, a point, a box; none = whole image).
+
+        Returns up to ``k`` hits, best first; ``score`` is the inner product of unit descriptors.
+        """
+        from densekit.serve.imageio import read_image
+
+        if k < 1:
+            raise DensekitError("k must be >= 1")
+        if self.n_segments == 0:
+            raise DensekitError(f"segment index {self.root} is empty; add images first")
+        arr = image if isinstance(image, np.ndarray) else read_image(image)
+        feats = self._features(arr)
+        q = region_descriptor(feats, self.query_cells(arr, feats, mask, point, box))
+        scores, ids = self._search_vectors(q[None], k)
+        return self._hits(scores[0], ids[0])
+
+    def _search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._index.is_trained or self._index.ntotal == 0:
+            ids, x = self._all_descriptors()  # IVF not trained yet: exact search over SQLite
+            s = q @ x.T
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(s, order, 1), ids[order]
+        index = self._search_index()
+        return index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, self._index.ntotal))
+
+    def _search_index(self) -> Any:
+        faiss = _faiss()
+        if self._gpu_index is None:
+            self._gpu_index = self._index
+            if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and "HNSW" not in self.info["faiss_factory"]:
+                try:
+                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                except RuntimeError:
+                    self._gpu_index = self._index
+        return self._gpu_index
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        hits = []
+        for s, sid in zip(scores, ids):
+            if sid < 0:
+                continue
+            row = self._conn.execute(
+                "SELECT s.image_id, i.path, s.x0, s.y0, s.x1, s.y1, s.rle, i.grid_h, i.grid_w, i.height, i.width "
+                "FROM segments s JOIN images i ON i.id = s.image_id WHERE s.id = ?",
+                (int(sid),),
+            ).fetchone()
+            if row is None:
+                continue
+            image_id, path, x0, y0, x1, y1, rle, gh, gw, H, W = row
+            cells = rle_decode(np.frombuffer(rle, dtype=np.uint32), (gh, gw))
+            hits.append(Hit(int(image_id), path, int(sid), float(s), (x0, y0, x1, y1), _upsample(cells, H, W)))
+        return hits
+
+    def image_segments(self, image_id: int) -> list[tuple[int, np.ndarray]]:
+        """(segment id, (H, W) bool mask) of every segment of an indexed image."""
+        row = self._conn.execute("SELECT grid_h, grid_w, height, width FROM images WHERE id=?", (image_id,)).fetchone()
+        if row is None:
+            raise DensekitError(f"no image with id {image_id} in the index")
+        gh, gw, H, W = row
+        out = []
+        for sid, rle in self._conn.execute("SELECT id, rle FROM segments WHERE image_id=? ORDER BY id", (image_id,)):
+            out.append((int(sid), _upsample(rle_decode(np.frombuffer(rle, dtype=np.uint32), (gh, gw)), H, W)))
+        return out
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> SegmentIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _new_index(dim: int, factory: str) -> Any:
+    """``index_factory`` with the inner-product metric set at construction (faiss #1083)."""
+    faiss = _faiss()
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        # a view into ``index``, which keeps ownership (downcasting the factory's own return value
+        # instead segfaulted here once that temporary wrapper was collected and freed the index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return index
+    if hasattr(ivf, "do_polysemous_training"):
+        # the factory turns on polysemous training for 8-bit PQ; it serves Hamming filtering we do not
+        # use and took 27 s for 360 training vectors here (0.01 s without)
+        ivf.do_polysemous_training = False
+    return index
+
+
+def _upsample(cells: np.ndarray, height: int, width: int) -> np.ndarray:
+    return cv2.resize(cells.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _train_min(nlist: int | None, uses_pq: bool) -> int:
+    if not nlist:
+        return 0
+    return 39 * nlist + (256 if uses_pq else 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are opened explicitly (BEGIN) so the commit order is ours
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def _make_extractor(model: str | Any) -> tuple[Any, str | None]:
+    """-> (extractor, spec to store). Strings are backbone names or checkpoint paths."""
+    if isinstance(model, (str, os.PathLike)):
+        from densekit.serve.extractor import FeatureExtractor
+
+        spec = str(model)
+        if Path(spec).suffix and Path(spec).exists():
+            spec = str(Path(spec).resolve())
+        return FeatureExtractor(spec), spec
+    if not hasattr(model, "meta"):
+        raise DensekitError("model must be a backbone name, a checkpoint path or a FeatureExtractor")
+    return model, None
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files under ``folder`` (recursive, natural order); DensekitError if none or missing."""
+    from densekit.serve.imageio import natural_key
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DensekitError(f"{folder} is not a folder")
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DensekitError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return sorted(files, key=lambda p: natural_key(str(p.relative_to(folder))))
