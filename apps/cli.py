@@ -221,7 +221,7 @@ def _register_area_commands() -> None:
     # imports inside the command bodies), so --help stays fast.
     import importlib
 
-    for name in ("cmd_train", "cmd_export", "cmd_serve", "cmd_index"):
+    for name in ("cmd_train", "cmd_export", "cmd_serve", "cmd_index", "cmd_eval_retrieval", "cmd_app", "cmd_demo"):
         try:
             module = importlib.import_module(f"densekit.apps.{name}")
         except ModuleNotFoundError as exc:
