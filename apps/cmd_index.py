@@ -1,6 +1,6 @@
-"""``densekit index build|search``: a FAISS index of image segments (densekit.retrieval.segment_index).
+"""``densekit index build|search``: a FAISS or Milvus index of image segments (densekit.retrieval.segment_index).
 
-Typer only at import time; numpy, OpenCV, faiss and torch are imported inside the commands.
+Typer only at import time; numpy, OpenCV, faiss, pymilvus and torch are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ MODEL_HELP = (
 )
 
 
+BACKEND_HELP = (
+    "Vector store of a new index: faiss (files in the index folder) or milvus (milvus-lite in INDEX/milvus.db, "
+    "or the server given by --uri). An existing index keeps its own."
+)
+URI_HELP = "Milvus server URI (http://host:19530) for --backend milvus; default: embedded milvus-lite."
+TOKEN_HELP = "Milvus token (user:password or API key); never stored in the index."
+EF_HELP = "HNSW search breadth (faiss efSearch / Milvus ef); build stores it in the index, search overrides it."
+
+
 def _parse_numbers(text: str | None, n: int, what: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -42,7 +51,12 @@ def build_command(
     index: Annotated[Path, typer.Option("--index", help="Index folder (created, or resumed if it exists).")],
     model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)] = None,
     factory: Annotated[
-        str, typer.Option("--factory", help="faiss.index_factory string: Flat | HNSW32 | IVF{n},PQ{m} | IVF{n},Flat.")
+        str,
+        typer.Option(
+            "--factory",
+            help="faiss.index_factory string: Flat | HNSW32 | IVF{n},PQ{m} | IVF{n},Flat. With --backend milvus: "
+            "FLAT, HNSW, IVF_FLAT, IVF_SQ8 (IVF{n},SQ8) or IVF_PQ (a Milvus server only).",
+        ),
     ] = "Flat",
     segments: Annotated[int, typer.Option("--segments", min=1, help="K-means segments per image.")] = 15,
     spatial_weight: Annotated[
@@ -50,22 +64,37 @@ def build_command(
     ] = 0.0,
     max_side: Annotated[int, typer.Option("--max-side", min=16, help="Resize images to this longer side.")] = 512,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="FAISS threads (default: all).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help=BACKEND_HELP)] = None,
+    uri: Annotated[Optional[str], typer.Option("--uri", help=URI_HELP)] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="DENSEKIT_MILVUS_TOKEN", help=TOKEN_HELP)] = None,
+    ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help=EF_HELP)] = None,
 ) -> None:
     """Index every image under IMAGES_DIR; images already in the index are skipped (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from densekit.retrieval.segment_index import DB_NAME, SegmentIndex, list_images
+    from densekit.retrieval.segment_index import BACKENDS, DB_NAME, DEFAULT_EF_SEARCH, SegmentIndex, list_images
 
+    if backend is not None and backend not in BACKENDS:
+        raise DensekitError(f"--backend must be {' or '.join(BACKENDS)}, got {backend!r}")
+    if uri is not None and backend == "faiss":
+        raise DensekitError("--uri applies to --backend milvus")
     files = list_images(images_dir)
     if (index / DB_NAME).exists():
-        idx = SegmentIndex.open(index, model, threads=threads)
+        idx = SegmentIndex.open(index, model, threads=threads, uri=uri, token=token)
+        if backend is not None and backend != idx.backend:
+            idx.close()
+            raise DensekitError(f"{index} uses the {idx.backend} backend, not {backend}")
+        if ef_search is not None:
+            idx.set_search_params(ef_search=ef_search, persist=True)
         typer.echo(f"resuming {index}: {len(idx)} images already indexed")
     else:
         if model is None:
             raise DensekitError("--model is required to create a new index")
+        backend = backend or ("milvus" if uri is not None else "faiss")
         idx = SegmentIndex.create(
             index, model, factory=factory, segments_per_image=segments, spatial_weight=spatial_weight,
-            max_side=max_side, threads=threads,
+            max_side=max_side, threads=threads, backend=backend, uri=uri, token=token,
+            ef_search=ef_search or DEFAULT_EF_SEARCH,
         )
     with idx, Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -96,6 +125,11 @@ def search_command(
         Optional[Path], typer.Option("--grid", help="Write a PNG grid of the query and its hits with outlines.")
     ] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Override the stored model (must match).")] = None,
+    ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help=EF_HELP)] = None,
+    gpu: Annotated[
+        bool, typer.Option("--gpu", help="Search on the GPUs faiss sees (faiss backend, Flat/IVF; error if none).")
+    ] = False,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="DENSEKIT_MILVUS_TOKEN", help=TOKEN_HELP)] = None,
 ) -> None:
     """Find the segments most similar to a region of the query image (whole image if no region)."""
     from densekit.retrieval.segment_index import SegmentIndex
@@ -105,7 +139,7 @@ def search_command(
     bx = _parse_numbers(box, 4, "--box")
     query = read_image(image)
     qmask = read_mask(mask) > 0 if mask is not None else None
-    with SegmentIndex.open(index, model) as idx:
+    with SegmentIndex.open(index, model, ef_search=ef_search, gpu=gpu, token=token) as idx:
         hits = idx.search(query, mask=qmask, point=pt, box=bx, k=k)
         if grid is not None:
             feats = idx._features(query)

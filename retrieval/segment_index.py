@@ -1,4 +1,4 @@
-"""Segment retrieval: a FAISS index of image segments with SQLite metadata.
+"""Segment retrieval: a vector index of image segments (FAISS or Milvus) with SQLite metadata.
 
 Each indexed image is cut into segments by K-means over its L2-normalised dense embedding (K = 15 by
 default, the number of clusters the hierarchical-grouping paper uses per image: Zhang & Maire, "Self-
@@ -14,10 +14,18 @@ click point (the K-means segment of the query image under it, with the index's o
 weight) or a box (the cells whose centres lie inside it). Its descriptor is the mean feature over
 those cells, L2-normalised.
 
+Backends (``SegmentIndex.create(..., backend=...)``, recorded in the index info so ``open`` picks it up):
+
+- ``"faiss"`` (default): an in-process FAISS index written to ``DIR/segments-<G>.faiss`` (below).
+- ``"milvus"``: a Milvus collection keyed by segment id, embedded milvus-lite in ``DIR/milvus.db`` or a
+  Milvus server/cluster (``uri=``), for collections beyond one machine's memory. Factory strings map to
+  Milvus index types; see :mod:`densekit.retrieval.milvus_store`.
+
 Storage in ``DIR``::
 
     DIR/meta.sqlite          images, segments (box, RLE mask, area, descriptor), info (model, factory...)
-    DIR/segments-<G>.faiss   the FAISS index of generation G (the generation named in info)
+    DIR/segments-<G>.faiss   faiss backend: the FAISS index of generation G (the generation named in info)
+    DIR/milvus.db/           milvus backend without a server URI: milvus-lite's data folder
 
 Masks are stored at *feature-grid* resolution (h x w = image size / stride after the resize to
 ``max_side``), run-length encoded in COCO's uncompressed convention (column-major, counts start with
@@ -25,7 +33,8 @@ a run of zeros); :class:`Hit.mask` is that mask resized (nearest) to the image's
 (``x0, y0, x1, y1``, exclusive ends) and areas are in original-image pixels.
 
 Consistency (a crash at any point leaves a consistent pair). SQLite is the source of truth: it holds
-every segment's descriptor as well as its metadata. Every mutation runs as::
+every segment's descriptor as well as its metadata, and it is committed last. With FAISS every mutation
+runs as::
 
     1. BEGIN; write the rows (or delete them); set info.generation = G + 1      (not committed)
     2. update the in-memory FAISS index; write it to a temp file and rename it onto
@@ -38,13 +47,20 @@ deleted on the next open); a crash after 3 leaves G+1 and its file, with an orph
 :meth:`SegmentIndex.open` the file of the committed generation is read (fast: one ``read_index``) and its
 ``ntotal`` is reconciled against the segment count in SQLite; if the file is missing or disagrees it is
 rebuilt from the stored descriptors (and written as a new generation). The same rebuild serves index
-types that cannot remove vectors (HNSW) and the training of IVF indexes.
+types that cannot remove vectors (HNSW) and the training of IVF indexes. The Milvus backend follows the
+same rule (rows, then vectors, then COMMIT) and reconciles the collection on open, deleting orphans and
+re-inserting missing vectors (:mod:`densekit.retrieval.milvus_store`).
 
-IVF indexes are trained on a seeded sample (at most 256 x nlist descriptors, the FAISS
+IVF indexes (FAISS) are trained on a seeded sample (at most 256 x nlist descriptors, the FAISS
 ``max_points_per_centroid`` default) once the index holds enough descriptors (``train_min``: 39 x nlist,
 and 256 more when PQ codes are used); until then the FAISS index is empty and search is exact over the
 stored descriptors (numpy), so small collections work with any factory. ``nprobe`` is set explicitly
 (faiss #1109: the default 1 gives poor recall).
+
+HNSW search breadth: ``ef_search`` (default 64; stored in the info, overridable per ``open``) is FAISS's
+``efSearch`` (set through ``ParameterSpace``, which reaches through the IDMap wrapper) and Milvus' ``ef``.
+FAISS searches with ``max(efSearch, k)`` internally; Milvus rejects ``ef < k``, so ``max(ef_search, k)``
+is sent there.
 
 Threads: :func:`faiss.omp_set_num_threads` is called with ``threads`` (default ``os.cpu_count()``).
 faiss is imported lazily inside functions. Import order with torch: with faiss-cpu 1.15.1 and the
@@ -52,11 +68,12 @@ torch wheel in this venv both orders (torch then faiss, faiss then torch) ran K-
 without a crash; other combinations are reported to segfault or abort with ``OMP: Error #15``
 (faiss #3401, #4273, faiss-wheels #40), so we never import faiss at module import time.
 
-GPU: when ``faiss.get_num_gpus() > 0`` searches run on a GPU clone of Flat/IVF indexes
-(``index_cpu_to_all_gpus``); the CPU index stays canonical and is what gets written. That path is
-untested here (no GPU build of faiss in this venv).
+GPU (FAISS only, on request: ``gpu=True`` / ``--gpu``): searches run on a clone of the Flat/IVF index made
+by ``faiss.index_cpu_to_all_gpus``; the CPU index stays canonical and is what gets written. Asking for it
+when ``faiss.get_num_gpus() == 0`` (a faiss-cpu build, or no CUDA device), for HNSW (no FAISS GPU
+implementation) or with the Milvus backend is a DensekitError. FAISS GPU search caps k at 2048
+(``GPU_MAX_SELECTION_K``). That path is untested here (no GPU build of faiss in this venv).
 """
-
 from __future__ import annotations
 
 import logging
@@ -211,13 +228,28 @@ def _parse_factory(factory: str) -> tuple[str, int | None, bool]:
     return f, nlist, uses_pq
 
 
+BACKENDS = ("faiss", "milvus")
+DEFAULT_EF_SEARCH = 64
+GPU_MAX_K = 2048  # faiss GPU_MAX_SELECTION_K (CUDA > 9)
+
+
 class SegmentIndex:
-    """A directory holding a FAISS index of image segments plus SQLite metadata (see module docs).
+    """A directory holding a vector index of image segments plus SQLite metadata (see module docs).
 
     Make one with :meth:`create`, reopen with :meth:`open`. ``len(index)`` is the number of images.
+    ``backend`` is ``"faiss"`` or ``"milvus"``.
     """
 
-    def __init__(self, root: Path, conn: sqlite3.Connection, extractor: Any, info: dict[str, str]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        conn: sqlite3.Connection,
+        extractor: Any,
+        info: dict[str, str],
+        *,
+        ef_search: int | None = None,
+        gpu: bool = False,
+    ) -> None:
         self.root = root
         self._conn = conn
         self.extractor = extractor
@@ -227,8 +259,13 @@ class SegmentIndex:
         self.spatial_weight = float(info["spatial_weight"])
         self.max_side = int(info["max_side"])
         self.seed = int(info["seed"])
-        self._index: Any = None
-        self._gpu_index: Any = None
+        self.backend = info.get("backend", "faiss")  # indexes made before backends existed are FAISS
+        self.nprobe = int(info["nprobe"])
+        self.ef_search = int(ef_search if ef_search is not None else info.get("ef_search", DEFAULT_EF_SEARCH))
+        if self.ef_search < 1:
+            raise DensekitError("ef_search must be >= 1")
+        self.gpu = bool(gpu)
+        self._store: Any = None
 
     # ---------------------------------------------------------------------------- construction
     @classmethod
@@ -240,10 +277,16 @@ class SegmentIndex:
         segments_per_image: int = 15,
         spatial_weight: float = 0.0,
         *,
+        backend: str = "faiss",
+        uri: str | None = None,
+        token: str | None = None,
+        collection: str | None = None,
         nprobe: int = 16,
+        ef_search: int = DEFAULT_EF_SEARCH,
         max_side: int = 512,
         seed: int = 0,
         threads: int | None = None,
+        gpu: bool = False,
     ) -> SegmentIndex:
         """Create an empty index in ``root`` (DensekitError if one is already there).
 
@@ -251,30 +294,48 @@ class SegmentIndex:
             model: a backbone name / checkpoint path (stored, so :meth:`open` can rebuild the extractor)
                 or a ready :class:`~densekit.serve.extractor.FeatureExtractor` (then pass it to ``open``).
             factory: a ``faiss.index_factory`` string: ``Flat``, ``HNSW32``, ``IVF{n},PQ{m}``,
-                ``IVF{n},Flat``...; IDMap is prepended where the type needs it.
+                ``IVF{n},Flat``...; IDMap is prepended where the type needs it. With Milvus it is mapped
+                to a Milvus index type (:func:`~densekit.retrieval.milvus_store.milvus_index_params`).
             segments_per_image: K of the per-image K-means (fewer when an image has fewer cells).
             spatial_weight: scale of the appended normalised (y, x) cell coordinates (0 = off).
-            nprobe: IVF lists visited per query. max_side: images are resized so their longer side is at
-                most this before feature extraction. seed: K-means and IVF-training seed.
+            backend: ``"faiss"`` or ``"milvus"``. uri: Milvus server URI (``http://host:19530``); None =
+                embedded milvus-lite in ``root/milvus.db``. token: Milvus token (default
+                ``$DENSEKIT_MILVUS_TOKEN``; never stored). collection: Milvus collection name (default: a
+                unique ``densekit_segments_<hex>``).
+            nprobe: IVF lists visited per query. ef_search: HNSW search breadth (stored; ``open`` may
+                override it). max_side: images are resized so their longer side is at most this before
+                feature extraction. seed: K-means and IVF-training seed. gpu: search on FAISS GPUs.
         """
         root = Path(root)
         if (root / DB_NAME).exists():
             raise DensekitError(f"{root} already holds a segment index; open it instead")
         if segments_per_image < 1:
             raise DensekitError("segments_per_image must be >= 1")
+        if backend not in BACKENDS:
+            raise DensekitError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+        if backend == "faiss" and (uri is not None or collection is not None):
+            raise DensekitError("uri and collection apply to the milvus backend")
+        if ef_search < 1 or nprobe < 1:
+            raise DensekitError("ef_search and nprobe must be >= 1")
         set_threads(threads)
+        fstring, nlist, uses_pq = _parse_factory(factory)
+        extra: dict[str, str] = {}
+        if backend == "milvus":
+            from densekit.retrieval.milvus_store import MilvusStore
+
+            extra = MilvusStore.info_for(factory, uri, collection)  # validates before anything is written
         extractor, spec = _make_extractor(model)
         meta = extractor.meta
-        fstring, nlist, uses_pq = _parse_factory(factory)
-        try:
-            index = _new_index(int(meta.dim), fstring)
-        except RuntimeError as exc:
-            detail = re.sub(r"^.*?\.cpp:\d+:\s*", "", _first_line(exc))
-            raise DensekitError(f"faiss cannot build factory {factory!r}: {detail}") from None
-        root.mkdir(parents=True, exist_ok=True)
-        conn = _connect(root / DB_NAME)
+        index = None
+        if backend == "faiss":
+            try:
+                index = _new_index(int(meta.dim), fstring)
+            except RuntimeError as exc:
+                detail = re.sub(r"^.*?\.cpp:\d+:\s*", "", _first_line(exc))
+                raise DensekitError(f"faiss cannot build factory {factory!r}: {detail}") from None
         info = {
             "schema": SCHEMA_VERSION,
+            "backend": backend,
             "model": spec or "",
             "model_name": meta.name,
             "dim": str(meta.dim),
@@ -285,31 +346,79 @@ class SegmentIndex:
             "nlist": str(nlist or 0),
             "train_min": str(_train_min(nlist, uses_pq)),
             "nprobe": str(nprobe),
+            "ef_search": str(int(ef_search)),
             "segments_per_image": str(segments_per_image),
             "spatial_weight": str(float(spatial_weight)),
             "max_side": str(max_side),
             "seed": str(seed),
             "generation": "0",
+            **extra,
         }
-        with conn:
-            conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", list(info.items()))
-        self = cls(root, conn, extractor, info)
-        self._index = index
-        self._configure()
-        self._write_generation(0)
+        made_root = not root.exists()
+        root.mkdir(parents=True, exist_ok=True)
+        conn = _connect(root / DB_NAME)
+        self = cls(root, conn, extractor, info, gpu=gpu)
+        collection_made = False
+        try:
+            self._check_gpu()
+            if backend == "milvus":
+                from densekit.retrieval.milvus_store import MilvusStore
+
+                self._store = MilvusStore(self, uri=uri, token=token)
+                self._store.create()  # before SQLite, so a refused collection leaves no index behind
+                collection_made = True
+            else:
+                self._store = _FaissStore(self, index)
+            with conn:
+                conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", list(info.items()))
+            if backend == "faiss":
+                self._store.configure()
+                self._store.write_generation(0)
+        except BaseException:
+            if collection_made and uri is not None:
+                try:
+                    self._store.drop()
+                except DensekitError:
+                    log.warning("could not drop Milvus collection %s after a failed create", info["milvus_collection"])
+            self.close()
+            (root / DB_NAME).unlink(missing_ok=True)
+            for suffix in ("-wal", "-shm"):
+                (root / (DB_NAME + suffix)).unlink(missing_ok=True)
+            if backend == "milvus" and uri is None:
+                import shutil
+
+                shutil.rmtree(root / "milvus.db", ignore_errors=True)
+            if made_root:
+                try:
+                    root.rmdir()
+                except OSError:
+                    pass
+            raise
         return self
 
     @classmethod
     def open(
-        cls, root: str | os.PathLike[str], model: str | Any | None = None, *, threads: int | None = None
+        cls,
+        root: str | os.PathLike[str],
+        model: str | Any | None = None,
+        *,
+        threads: int | None = None,
+        ef_search: int | None = None,
+        uri: str | None = None,
+        token: str | None = None,
+        gpu: bool = False,
     ) -> SegmentIndex:
-        """Open an index: read the FAISS file + SQLite, reconcile counts (rebuild if they disagree).
+        """Open an index: read SQLite and the vector store, reconcile them (rebuild/repair if they disagree).
 
         ``model`` defaults to the one stored at creation; a model whose name or dim differs from the
-        index's raises DensekitError.
+        index's raises DensekitError. ``ef_search`` overrides the stored HNSW search breadth for this
+        handle (:meth:`set_search_params` stores it). ``uri``/``token``: Milvus server address (default:
+        the stored one) and token (default ``$DENSEKIT_MILVUS_TOKEN``). ``gpu``: FAISS GPU search.
         """
         root = Path(root)
         db = root / DB_NAME
+        if ef_search is not None and ef_search < 1:
+            raise DensekitError("ef_search must be >= 1")
         if not db.is_file():
             raise DensekitError(f"no segment index at {root} (missing {DB_NAME})")
         set_threads(threads)
@@ -320,6 +429,11 @@ class SegmentIndex:
             raise DensekitError(f"{db} is not a readable segment index: {_first_line(exc)}") from None
         if info.get("schema") != SCHEMA_VERSION:
             raise DensekitError(f"{db}: unknown schema version {info.get('schema')!r}")
+        backend = info.get("backend", "faiss")
+        if backend not in BACKENDS:
+            raise DensekitError(f"{db}: unknown backend {backend!r}")
+        if backend == "faiss" and uri is not None:
+            raise DensekitError(f"{root} uses the faiss backend; a Milvus uri does not apply")
         if model is None:
             if not info["model"]:
                 raise DensekitError(f"{root} was built with an in-memory extractor; pass model= to open it")
@@ -331,96 +445,87 @@ class SegmentIndex:
                 f"index {root} was built with model {info['model_name']!r} (dim {info['dim']}), "
                 f"not {meta.name!r} (dim {meta.dim})"
             )
-        self = cls(root, conn, extractor, info)
-        self._load()
+        self = cls(root, conn, extractor, info, ef_search=ef_search, gpu=gpu)
+        try:
+            self._check_gpu()
+            if backend == "milvus":
+                from densekit.retrieval.milvus_store import MilvusStore
+
+                self._store = MilvusStore(self, uri=uri, token=token)
+            else:
+                self._store = _FaissStore(self)
+            self._store.load()
+        except BaseException:
+            self.close()
+            raise
         return self
 
-    # ----------------------------------------------------------------------------------- faiss
-    def _file(self, generation: int) -> Path:
-        return self.root / f"segments-{generation}.faiss"
-
-    def _generation(self) -> int:
-        return int(self._conn.execute("SELECT value FROM info WHERE key='generation'").fetchone()[0])
-
-    def _configure(self) -> None:
+    def _check_gpu(self) -> None:
+        if not self.gpu:
+            return
+        if self.backend != "faiss":
+            raise DensekitError(
+                "gpu applies to the faiss backend; Milvus runs GPU index types (GPU_IVF_FLAT, GPU_CAGRA) on the server"
+            )
         faiss = _faiss()
-        if int(self.info["nlist"]):
-            faiss.ParameterSpace().set_index_parameter(self._index, "nprobe", int(self.info["nprobe"]))
-        self._gpu_index = None
+        n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if n < 1:
+            raise DensekitError("gpu search requested but faiss sees no GPU (a faiss-cpu build or no CUDA device)")
+        if "HNSW" in self.info["faiss_factory"]:
+            raise DensekitError(f"factory {self.info['factory']!r}: FAISS has no GPU HNSW; search it on the CPU")
 
-    def _expected_ntotal(self) -> int:
-        n = self._conn.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
-        return n if self._index.is_trained else 0
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None, persist: bool = False) -> None:
+        """Change HNSW ``ef_search`` / IVF ``nprobe`` for this handle; ``persist`` also stores them."""
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
+            if value is None:
+                continue
+            if int(value) < 1:
+                raise DensekitError(f"{name} must be >= 1")
+            setattr(self, name, int(value))
+            self.info[name] = str(int(value))
+            if persist:
+                self._conn.execute("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)", (name, str(int(value))))
+        if self._store is not None and hasattr(self._store, "configure"):
+            self._store.configure()
 
-    def _load(self) -> None:
-        faiss = _faiss()
-        gen = self._generation()
-        path = self._file(gen)
-        for stray in self.root.glob("segments-*.faiss"):
-            if stray != path:
-                stray.unlink(missing_ok=True)  # orphans of an interrupted commit (module docstring)
-        ok = False
-        if path.is_file():
-            try:
-                self._index = faiss.read_index(str(path))
-                ok = self._index.ntotal == self._expected_ntotal()
-            except RuntimeError:
-                ok = False
-        if not ok:
-            log.warning("segment index %s: FAISS file missing or out of step with SQLite; rebuilding", self.root)
-            self._rebuild_in_memory()
-            with self._conn:
-                self._conn.execute("BEGIN")
-                self._commit_generation()
-        self._configure()
+    @property
+    def _index(self) -> Any:
+        """The in-memory FAISS index (faiss backend), else None."""
+        return self._store.index if isinstance(self._store, _FaissStore) else None
 
+    # ------------------------------------------------------------------------------- descriptors
     def _all_descriptors(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self._conn.execute("SELECT id, descriptor FROM segments ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         x = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
         return ids, x
 
-    def _rebuild_in_memory(self) -> None:
-        self._index = _new_index(self.dim, self.info["faiss_factory"])
-        ids, x = self._all_descriptors()
-        self._maybe_train(x)
-        if self._index.is_trained and len(ids):
-            self._index.add_with_ids(np.ascontiguousarray(x), ids)
-        self._configure()
+    def _descriptors_for(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(len(ids), D) stored descriptors, in the order of ``ids`` (all must exist)."""
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        pos = {int(i): n for n, i in enumerate(ids)}
+        keys = list(pos)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            q = ",".join("?" * len(chunk))
+            for sid, blob in self._conn.execute(f"SELECT id, descriptor FROM segments WHERE id IN ({q})", chunk):
+                out[pos[int(sid)]] = np.frombuffer(blob, dtype=np.float32)
+        return out
 
-    def _maybe_train(self, x: np.ndarray) -> None:
-        if self._index.is_trained or len(x) < int(self.info["train_min"]):
-            return
-        nlist = int(self.info["nlist"]) or 1
-        rng = np.random.default_rng(self.seed)
-        n = min(len(x), 256 * nlist)
-        sample = x[np.sort(rng.choice(len(x), n, replace=False))]
-        self._index.train(np.ascontiguousarray(sample))
-
-    def _write_generation(self, gen: int) -> None:
-        with atomic_path(self._file(gen)) as tmp:
-            _faiss().write_index(self._index, str(tmp))
-
-    def _commit_generation(self) -> None:
-        """Inside an open SQLite transaction: write the next FAISS generation, then commit."""
-        old = self._generation()
-        new = old + 1
-        self._conn.execute("UPDATE info SET value=? WHERE key='generation'", (str(new),))
-        self._write_generation(new)  # step 2: temp file + rename
-        self._conn.commit()  # step 3
-        self._file(old).unlink(missing_ok=True)  # step 4
-
-    def _mutate(self, write_rows: Callable[[], None], update_index: Callable[[], None]) -> None:
+    def _mutate(self, write_rows: Callable[[], None], update_store: Callable[[], None]) -> None:
+        """Rows, then vectors, then COMMIT (module docstring); on failure roll back and reconcile."""
         conn = self._conn
         try:
+            self._store.begin()
             conn.execute("BEGIN")
             write_rows()
-            update_index()
-            self._commit_generation()
+            update_store()
+            self._store.commit()
         except BaseException:
-            conn.rollback()
-            # the in-memory FAISS index may hold vectors SQLite no longer has: reload the committed pair
-            self._load()
+            if conn.in_transaction:
+                conn.rollback()
+            # the vector store may hold vectors SQLite no longer has: reload / reconcile the committed state
+            self._store.load()
             raise
 
     # ------------------------------------------------------------------------------------ adding
@@ -507,12 +612,15 @@ class SegmentIndex:
             self._commit_images(pending, report)
         return report
 
+
     def _commit_images(self, batch: list[_Prepared], report: AddReport) -> None:
         conn = self._conn
         new_ids: list[int] = []
         new_x: list[np.ndarray] = []
 
         def write_rows() -> None:
+            new_ids.clear()
+            new_x.clear()
             seg_id = (conn.execute("SELECT MAX(id) FROM segments").fetchone()[0] or -1) + 1
             for p in batch:
                 gh, gw = p.labels.shape
@@ -538,16 +646,11 @@ class SegmentIndex:
                     new_x.append(desc)
                     seg_id += 1
 
-        def update_index() -> None:
-            if self._index.is_trained:
-                self._index.add_with_ids(np.ascontiguousarray(np.stack(new_x)), np.array(new_ids, dtype=np.int64))
-            else:
-                _, x = self._all_descriptors()  # rows of this transaction are visible to this connection
-                if len(x) >= int(self.info["train_min"]):
-                    self._rebuild_in_memory()
-            self._gpu_index = None
+        def update_store() -> None:
+            if new_ids:
+                self._store.add(np.array(new_ids, dtype=np.int64), np.ascontiguousarray(np.stack(new_x)))
 
-        self._mutate(write_rows, update_index)
+        self._mutate(write_rows, update_store)
         report.added.extend(p.image_id for p in batch if p.image_id is not None)
         report.segments += len(new_ids)
 
@@ -570,16 +673,11 @@ class SegmentIndex:
             conn.execute(f"DELETE FROM segments WHERE image_id IN ({q})", ids)
             conn.execute(f"DELETE FROM images WHERE id IN ({q})", ids)
 
-        def update_index() -> None:
-            if not self._index.is_trained or not len(seg_ids):
-                return
-            try:
-                self._index.remove_ids(seg_ids)
-            except RuntimeError:  # HNSW cannot remove vectors: rebuild from the stored descriptors
-                self._rebuild_in_memory()
-            self._gpu_index = None
+        def update_store() -> None:
+            if len(seg_ids):
+                self._store.remove(seg_ids)
 
-        self._mutate(write_rows, update_index)
+        self._mutate(write_rows, update_store)
         return int(n_images)
 
     # --------------------------------------------------------------------------------- searching
@@ -662,24 +760,14 @@ class SegmentIndex:
         return self._hits(scores[0], ids[0])
 
     def _search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not self._index.is_trained or self._index.ntotal == 0:
-            ids, x = self._all_descriptors()  # IVF not trained yet: exact search over SQLite
-            s = q @ x.T
-            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            return np.take_along_axis(s, order, 1), ids[order]
-        index = self._search_index()
-        return index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, self._index.ntotal))
-
-    def _search_index(self) -> Any:
-        faiss = _faiss()
-        if self._gpu_index is None:
-            self._gpu_index = self._index
-            if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and "HNSW" not in self.info["faiss_factory"]:
-                try:
-                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
-                except RuntimeError:
-                    self._gpu_index = self._index
-        return self._gpu_index
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        found = self._store.search(q, k)
+        if found is not None:
+            return found
+        ids, x = self._all_descriptors()  # FAISS IVF not trained yet: exact search over SQLite
+        s = q @ x.T
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(s, order, 1), ids[order]
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         hits = []
@@ -710,13 +798,142 @@ class SegmentIndex:
         return out
 
     def close(self) -> None:
-        self._conn.close()
+        store, self._store = self._store, None
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            self._conn.close()
 
     def __enter__(self) -> SegmentIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _FaissStore:
+    """The FAISS side of a segment index: generations of ``DIR/segments-<G>.faiss`` (module docstring)."""
+
+    name = "faiss"
+
+    def __init__(self, owner: SegmentIndex, index: Any = None) -> None:
+        self.o = owner
+        self.index = index
+        self._gpu_index: Any = None
+
+    def _file(self, generation: int) -> Path:
+        return self.o.root / f"segments-{generation}.faiss"
+
+    def _generation(self) -> int:
+        return int(self.o._conn.execute("SELECT value FROM info WHERE key='generation'").fetchone()[0])
+
+    def configure(self) -> None:
+        """Apply nprobe (IVF) and efSearch (HNSW) to the in-memory index."""
+        faiss = _faiss()
+        ps = faiss.ParameterSpace()
+        if int(self.o.info["nlist"]):
+            ps.set_index_parameter(self.index, "nprobe", int(self.o.nprobe))
+        if "HNSW" in self.o.info["faiss_factory"]:
+            # ParameterSpace reaches the HNSW inside IDMap (and an HNSW coarse quantizer of an IVF)
+            ps.set_index_parameter(self.index, "efSearch", int(self.o.ef_search))
+        self._gpu_index = None
+
+    def _expected_ntotal(self) -> int:
+        n = self.o.n_segments
+        return n if self.index.is_trained else 0
+
+    def load(self) -> None:
+        faiss = _faiss()
+        gen = self._generation()
+        path = self._file(gen)
+        for stray in self.o.root.glob("segments-*.faiss"):
+            if stray != path:
+                stray.unlink(missing_ok=True)  # orphans of an interrupted commit (module docstring)
+        ok = False
+        if path.is_file():
+            try:
+                self.index = faiss.read_index(str(path))
+                ok = self.index.ntotal == self._expected_ntotal()
+            except RuntimeError:
+                ok = False
+        if not ok:
+            log.warning("segment index %s: FAISS file missing or out of step with SQLite; rebuilding", self.o.root)
+            self.rebuild()
+            self.o._conn.execute("BEGIN")
+            self.commit()
+        self.configure()
+
+    def rebuild(self) -> None:
+        self.index = _new_index(self.o.dim, self.o.info["faiss_factory"])
+        ids, x = self.o._all_descriptors()
+        self._maybe_train(x)
+        if self.index.is_trained and len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(x), ids)
+        self.configure()
+
+    def _maybe_train(self, x: np.ndarray) -> None:
+        if self.index.is_trained or len(x) < int(self.o.info["train_min"]):
+            return
+        nlist = int(self.o.info["nlist"]) or 1
+        rng = np.random.default_rng(self.o.seed)
+        n = min(len(x), 256 * nlist)
+        sample = x[np.sort(rng.choice(len(x), n, replace=False))]
+        self.index.train(np.ascontiguousarray(sample))
+
+    def write_generation(self, gen: int) -> None:
+        with atomic_path(self._file(gen)) as tmp:
+            _faiss().write_index(self.index, str(tmp))
+
+    def begin(self) -> None:
+        pass
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        if self.index.is_trained:
+            self.index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        elif self.o.n_segments >= int(self.o.info["train_min"]):  # rows of this transaction are visible
+            self.rebuild()
+        self._gpu_index = None
+
+    def remove(self, ids: np.ndarray) -> None:
+        if self.index.is_trained:
+            try:
+                self.index.remove_ids(np.asarray(ids, dtype=np.int64))
+            except RuntimeError:  # HNSW cannot remove vectors: rebuild from the stored descriptors
+                self.rebuild()
+        self._gpu_index = None
+
+    def commit(self) -> None:
+        """Inside an open SQLite transaction: write the next FAISS generation, then commit."""
+        conn = self.o._conn
+        old = self._generation()
+        new = old + 1
+        conn.execute("UPDATE info SET value=? WHERE key='generation'", (str(new),))
+        self.write_generation(new)  # step 2: temp file + rename
+        conn.commit()  # step 3
+        self._file(old).unlink(missing_ok=True)  # step 4
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.index.is_trained or self.index.ntotal == 0:
+            return None
+        if self.o.gpu and k > GPU_MAX_K:
+            raise DensekitError(f"k = {k} exceeds the FAISS GPU limit of {GPU_MAX_K}")
+        return self._search_index().search(q, min(k, self.index.ntotal))
+
+    def _search_index(self) -> Any:
+        if self._gpu_index is None:
+            self._gpu_index = self.index
+            if self.o.gpu:
+                # a clone per mutation: GPU indexes are searched, never written (the CPU one is canonical)
+                self._gpu_index = _faiss().index_cpu_to_all_gpus(self.index)
+        return self._gpu_index
+
+    def count(self) -> int:
+        """Vectors in the FAISS index (0 while an IVF index is untrained)."""
+        return int(self.index.ntotal)
+
+    def close(self) -> None:
+        self._gpu_index = None
 
 
 # -------------------------------------------------------------------------------------------- helpers
