@@ -382,112 +382,164 @@ def propagate_step(
 ) -> torch.Tensor:
     """Fast local-window propagation; same arguments and result as :func:`propagate_step_dense`.
 
-    Windowed context frames are scored tile by tile: a ``t x t`` tile of target positions against the
-    ``(t + 2Ry) x (t + 2Rx)`` band of the context frame around it (one batched GEMM per row of tiles),
-    entries outside each position's window or outside the image set to ``-inf``; unwindowed frames are
-    scored fully. Each context frame yields its own top-k, merged at the end into the joint top-k. Work
-    runs in chunks so that about ``config.chunk_elems`` scores exist at once - never an ``(h*w)^2`` tensor.
+    Each target position is scored only against its own window in each windowed context frame
+    (:func:`_window_topk`); unwindowed frames are scored fully, in chunks. Each context frame yields its
+    own top-k, merged at the end into the joint top-k. About ``config.chunk_elems`` scores exist at
+    once - never an ``(h*w)^2`` tensor.
     """
     cfg = _as_config(config)
     D, h, w, C = _check_step_inputs(target, ctx_feats, ctx_labels)
-    hw, m, k, T = h * w, len(ctx_feats), cfg.topk, cfg.tile
+    return _propagate_channels_last(
+        _channels_last(target), [_channels_last(f) for f in ctx_feats], [_channels_last(lab) for lab in ctx_labels],
+        h, w, cfg,
+    )
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(K, h, w) -> contiguous float32 (h*w, K), rows in raster order."""
+    return x.float().permute(1, 2, 0).reshape(-1, x.shape[0]).contiguous()
+
+
+def _propagate_channels_last(
+    query: torch.Tensor,
+    ctx_cl: Sequence[torch.Tensor],
+    labels_cl: Sequence[torch.Tensor],
+    h: int,
+    w: int,
+    cfg: PropagationConfig,
+) -> torch.Tensor:
+    """:func:`propagate_step` on channels-last inputs (what :class:`MaskPropagator` keeps per frame).
+
+    Args:
+        query: (h*w, D) target features. ctx_cl: per context frame (h*w, D). labels_cl: per context
+            frame (h*w, C) soft labels. Rows in raster order, float32, contiguous.
+
+    Returns:
+        (C, h, w) float32 soft labels.
+    """
+    hw, D = query.shape
+    m, k = len(ctx_cl), cfg.topk
     flags = _windowed_flags(m, cfg)
-    nty, ntx = -(-h // T), -(-w // T)
-    Hq, Wq = nty * T, ntx * T
-    TT = T * T
-    Q = ntx * nty * TT
-
-    # Context frames channels-last, (hw, D) each. Separate tensors rather than one stack: every
-    # temporary here stays below glibc's mmap threshold (32 MB), so its pages are reused from call to
-    # call instead of being faulted in again (that alone used to cost as much as the GEMMs).
-    ctx_cl = [f.float().permute(1, 2, 0).reshape(hw, D).contiguous() for f in ctx_feats]
-    labels_flat = torch.stack([lab.float() for lab in ctx_labels]).permute(0, 2, 3, 1).reshape(m * hw, C)
-    # Queries padded to whole tiles, ordered (tile row, tile column, position in tile). Edge replication
-    # rather than zeros: zero queries would tie with everything and send their rows to the slow
-    # tie-breaking path (their results are cropped away anyway).
-    qpad = target.float()
-    if (Hq, Wq) != (h, w):
-        qpad = F.pad(qpad[None], (0, Wq - w, 0, Hq - h), mode="replicate")[0]
-    qtiles = qpad.permute(1, 2, 0).reshape(nty, T, ntx, T, D).permute(0, 2, 1, 3, 4).contiguous().view(nty, ntx, TT, D)
-    del qpad
-
+    # Candidates are gathered per target position in column-major order (x, then y): the order in
+    # which the window path produces them; unwindowed frames are transposed to match.
     part_vals: list[torch.Tensor] = []
     part_idx: list[torch.Tensor] = []
-    if any(flags):
-        Ry, Rx = _window_extent(cfg, h, w)
-        By, Bx = T + 2 * Ry, T + 2 * Rx
-        band_n = By * Bx
-        kb = min(k, band_n)
-        # Window geometry relative to a tile: query (a, b) in the tile, band cell (u, v).
-        pa, pb = torch.arange(TT) // T, torch.arange(TT) % T
-        bu, bv = torch.arange(band_n) // Bx, torch.arange(band_n) % Bx
-        allowed_rel = _allowed((bu[None, :] - Ry) - pa[:, None], (bv[None, :] - Rx) - pb[:, None], cfg)
-        by_scores = cfg.chunk_elems // (ntx * TT * band_n)
-        by_strips = (cfg.chunk_elems // (ntx * Bx * D) - 2 * Ry) // T
-        rows_per_chunk = max(1, min(nty, by_scores, by_strips))
-        Hp, Wp = Hq + 2 * Ry, Wq + 2 * Rx
-        padded = torch.zeros(Hp, Wp, D)
-        # Buffers reused for every context frame and chunk (flat, viewed at the chunk's size).
-        strips_buf = torch.empty(ntx * (rows_per_chunk * T + 2 * Ry) * Bx * D)
-        scores_buf = torch.empty(ntx * rows_per_chunk * TT * band_n)
-        # Per chunk of tile rows: source row/column of every band cell, and the cells a query may not
-        # use (outside its window or outside the image) - the same for every context frame.
-        geometry = []
-        for ty0 in range(0, nty, rows_per_chunk):
-            ty1 = min(nty, ty0 + rows_per_chunk)
-            sy = torch.arange(ty0, ty1)[:, None] * T - Ry + bu[None, :]  # (nr, band)
-            sx = torch.arange(ntx)[:, None] * T - Rx + bv[None, :]  # (ntx, band)
-            inside = ((sy >= 0) & (sy < h))[:, None, None, :] & ((sx >= 0) & (sx < w))[None, :, None, :]
-            geometry.append((ty0, ty1, sy, sx, ~(inside & allowed_rel[None, None])))
-    for i, windowed in enumerate(flags):
-        if not windowed:
-            continue
-        padded[Ry : Ry + h, Rx : Rx + w] = ctx_cl[i].view(h, w, D)
-        vals_i = torch.empty(nty, ntx, TT, kb)
-        idx_i = torch.empty(nty, ntx, TT, kb, dtype=torch.long)
-        for ty0, ty1, sy, sx, blocked in geometry:
-            nr = ty1 - ty0
-            rows = nr * T + 2 * Ry
-            # Column strips (one per tile column) make every tile's band a contiguous (band, D) block.
-            strips = strips_buf[: ntx * rows * Bx * D].view(ntx, rows, Bx, D)
-            strips.copy_(padded.as_strided((ntx, rows, Bx, D), (T * D, Wp * D, D, 1), ty0 * T * Wp * D))
-            scores = scores_buf[: nr * ntx * TT * band_n].view(nr, ntx, TT, band_n)
-            for r in range(nr):
-                # Bands of one tile row, all tile columns at once (uniform batch stride in the strips).
-                band = strips.as_strided((ntx, band_n, D), (rows * Bx * D, D, 1), r * T * Bx * D)
-                torch.bmm(qtiles[ty0 + r], band.transpose(1, 2), out=scores[r])
-            scores.masked_fill_(blocked, _NEG_INF)
-            vals, j = _topk_ordered(scores.view(-1, band_n), kb)
-            j = j.view(nr, ntx, TT, kb)
-            src_y = sy.gather(1, j.reshape(nr, -1)).view(nr, ntx, TT, kb)
-            src_x = sx.gather(1, j.permute(1, 0, 2, 3).reshape(ntx, -1)).view(ntx, nr, TT, kb).permute(1, 0, 2, 3)
-            # Out-of-image cells only ever come with -inf scores (zero weight); clamp keeps them indexable.
-            idx_i[ty0:ty1] = (src_y * w + src_x).clamp_(0, hw - 1) + i * hw
-            vals_i[ty0:ty1] = vals.view(nr, ntx, TT, kb)
-        part_vals.append(vals_i.view(Q, kb))
-        part_idx.append(idx_i.view(Q, kb))
+    windowed = [(i, ctx_cl[i]) for i in range(m) if flags[i]]
+    if windowed:
+        for vals_i, idx_i in _window_topk(query.view(h, w, D), windowed, h, w, cfg):
+            part_vals.append(vals_i)
+            part_idx.append(idx_i)
     if not all(flags):
-        # Unwindowed frames: all of the frame for every real query (no tile padding), in query chunks.
-        q_real = target.float().permute(1, 2, 0).reshape(hw, D)
         step = max(1, cfg.chunk_elems // hw)
         kf = min(k, hw)
-        for i, windowed in enumerate(flags):
-            if windowed:
+        for i in range(m):
+            if flags[i]:
                 continue
-            vals_i = torch.full((Hq, Wq, kf), _NEG_INF)
-            idx_i = torch.zeros(Hq, Wq, kf, dtype=torch.long)
             vals_r, idx_r = torch.empty(hw, kf), torch.empty(hw, kf, dtype=torch.long)
             for s in range(0, hw, step):
-                vals_r[s : s + step], idx_r[s : s + step] = _topk_ordered(q_real[s : s + step] @ ctx_cl[i].T, kf)
-            vals_i[:h, :w] = vals_r.view(h, w, kf)
-            idx_i[:h, :w] = idx_r.view(h, w, kf) + i * hw
-            part_vals.append(vals_i.view(nty, T, ntx, T, kf).permute(0, 2, 1, 3, 4).reshape(Q, kf))
-            part_idx.append(idx_i.view(nty, T, ntx, T, kf).permute(0, 2, 1, 3, 4).reshape(Q, kf))
-
+                vals_r[s : s + step], idx_r[s : s + step] = _topk_ordered(query[s : s + step] @ ctx_cl[i].T, kf)
+            part_vals.append(vals_r.view(h, w, kf).transpose(0, 1).reshape(hw, kf))
+            part_idx.append((idx_r + i * hw).view(h, w, kf).transpose(0, 1).reshape(hw, kf))
     vals, gidx = _merge_topk(torch.cat(part_vals, 1), torch.cat(part_idx, 1), k)
-    out = _aggregate(qtiles.view(Q, D), vals, gidx, ctx_cl, labels_flat, cfg.temperature)
-    out = out.view(nty, ntx, T, T, C).permute(4, 0, 2, 1, 3).reshape(C, Hq, Wq)
-    return out[:, :h, :w].contiguous()
+    labels_flat = torch.cat(list(labels_cl), 0)
+    q_cols = query.view(h, w, D).transpose(0, 1).reshape(hw, D)
+    out = _aggregate(q_cols, vals, gidx, ctx_cl, labels_flat, cfg.temperature)  # (w*h, C), x-major
+    return out.view(w, h, -1).permute(2, 1, 0).contiguous()
+
+
+def _window_topk(
+    query: torch.Tensor,
+    contexts: Sequence[tuple[int, torch.Tensor]],
+    h: int,
+    w: int,
+    cfg: PropagationConfig,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per windowed context frame, the top-k of every target position over its own window.
+
+    Scores are laid out per target position as its ``(2Ry+1) x (2Rx+1)`` window (cell ``(j, v)`` = source
+    offset ``(j - Ry, v - Rx)``), so the top-k scans exactly the window and nothing else. They are
+    computed one *source row* at a time: the target rows whose window contains that row (at most
+    ``2Ry+1``) times the row's band of ``tile + 2Rx`` columns around each ``tile``-wide column group, one
+    batched GEMM over the column groups that reads the source features in place (a strided view of the
+    horizontally padded frame), then one strided copy that shifts every target row's block to its
+    window offset. Source rows outside the image are never computed (they stay ``-inf``); window cells
+    left or right of the image, or outside a Euclidean window, are set to ``-inf``.
+
+    Args:
+        query: (h, w, D) target features. contexts: (context index, (h*w, D) features) pairs.
+
+    Returns:
+        Per context, ((w*h, kb) float32 scores, (w*h, kb) flat candidate indices ``index*h*w + y*w + x``),
+        target positions in column-major order (``x * h + y``).
+    """
+    D = query.shape[2]
+    hw, k = h * w, cfg.topk
+    Ry, Rx = _window_extent(cfg, h, w)
+    ny, nx = 2 * Ry + 1, 2 * Rx + 1
+    cells = ny * nx
+    kb = min(k, cells)
+    Tx = max(1, min(cfg.tile, w))
+    ntx = -(-w // Tx)
+    Wq, Nc = ntx * Tx, Tx + 2 * Rx
+    Wp = Wq + 2 * Rx
+    # Target columns padded to whole groups by edge replication (zero queries would tie with everything
+    # and send their rows to the slow tie-breaking path; their results are cropped away anyway).
+    q = query if Wq == w else torch.cat([query, query[:, -1:].expand(h, Wq - w, D)], 1)
+    qt = q.reshape(h, ntx, Tx, D).permute(1, 0, 2, 3).contiguous()  # (group, y, column in group, D)
+
+    # Window geometry, the same for every context frame.
+    dy, dx = torch.arange(ny) - Ry, torch.arange(nx) - Rx
+    pattern = _allowed(dy[:, None], dx[None, :], cfg)  # (ny, nx): inside the window shape
+    xq = torch.arange(Wq).view(ntx, Tx)
+    src_x = xq[:, :, None] + dx  # (ntx, Tx, nx)
+    blocked = ~(((src_x >= 0) & (src_x < w))[:, :, None, None, :] & pattern)  # (ntx, Tx, 1, ny, nx)
+    if bool(pattern.all()):
+        # Square window: only the column groups at the left and right borders have cells to block.
+        mask_groups = [g for g in range(ntx) if bool(blocked[g].any())]
+    else:
+        mask_groups = None
+    rows_per_chunk = max(1, min(h, cfg.chunk_elems // (Wq * cells)))
+    scores_buf = torch.empty(Wq * rows_per_chunk * cells)
+    tmp_buf = torch.empty(ntx * min(ny, rows_per_chunk) * Tx * Nc)
+    padded = torch.zeros(h, Wp, D)
+    jy = torch.arange(cells) // nx - Ry
+    jx = torch.arange(cells) % nx - Rx
+
+    results = []
+    for ci, feats in contexts:
+        padded[:, Rx : Rx + w] = feats.view(h, w, D)
+        vals_i = torch.empty(ntx, Tx, h, kb)
+        idx_i = torch.empty(ntx, Tx, h, kb, dtype=torch.long)
+        for y0 in range(0, h, rows_per_chunk):
+            y1 = min(h, y0 + rows_per_chunk)
+            nr = y1 - y0
+            scores = scores_buf[: Wq * nr * cells].view(ntx, Tx, nr, ny, nx)
+            scores.fill_(_NEG_INF)
+            s0, s1, s2, s3, _ = scores.stride()
+            for ys in range(max(0, y0 - Ry), min(h, y1 + Ry)):
+                a0, a1 = max(y0, ys - Ry), min(y1 - 1, ys + Ry)
+                na = a1 - a0 + 1
+                tmp = tmp_buf[: ntx * na * Tx * Nc].view(ntx, na * Tx, Nc)
+                band = padded.as_strided((ntx, Nc, D), (Tx * D, D, 1), ys * Wp * D)
+                torch.bmm(qt[:, a0 : a1 + 1].reshape(ntx, na * Tx, D), band.transpose(1, 2), out=tmp)
+                # tmp[g, a*Tx + b, b + v] is target (a0 + a, g*Tx + b) against source (ys, g*Tx + b + v - Rx).
+                src = tmp.as_strided((ntx, Tx, na, nx), (na * Tx * Nc, Nc + 1, Tx * Nc, 1))
+                offset = scores.storage_offset() + (a0 - y0) * s2 + (ys - a0 + Ry) * s3
+                scores.as_strided((ntx, Tx, na, nx), (s0, s1, s2 - s3, 1), offset).copy_(src)
+            if mask_groups is None:
+                scores.masked_fill_(blocked, _NEG_INF)
+            else:
+                for g in mask_groups:
+                    scores[g].masked_fill_(blocked[g], _NEG_INF)
+            vals, j = _topk_ordered(scores.view(-1, cells), kb)
+            j = j.view(ntx, Tx, nr, kb)
+            sy = torch.arange(y0, y1).view(1, 1, nr, 1) + jy[j]
+            sx = xq.view(ntx, Tx, 1, 1) + jx[j]
+            # Out-of-image cells only ever come with -inf scores (zero weight); clamp keeps them indexable.
+            idx_i[:, :, y0:y1] = (sy * w + sx).clamp_(0, hw - 1) + ci * hw
+            vals_i[:, :, y0:y1] = vals.view(ntx, Tx, nr, kb)
+        results.append((vals_i.view(Wq * h, kb)[:hw], idx_i.view(Wq * h, kb)[:hw]))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
