@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Datasets: make the embedded sample dataset.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluations: DAVIS-style semi-supervised video object segmentation.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluations: DAVIS video object segmentation (J&F), segment retrieval and dense NN segmentation (mIoU).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 
