@@ -43,14 +43,16 @@ def test_areas_import_as_densekit_namespace(area: str) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["track"], ["eval", "davis"], ["data", "sample"], ["info"], ["train"], ["serve"], ["export", "onnx"], ["export", "trt"], ["index", "build"], ["index", "search"]],
+    [[], ["track"], ["eval", "davis"], ["eval", "retrieval"], ["data", "sample"], ["info"], ["train"], ["serve"],
+     ["export", "onnx"], ["export", "trt"], ["index", "build"], ["index", "search"], ["app"], ["demo"]],
 )
 def test_help_does_not_import_torch(args: list[str]) -> None:
     code = (
         "import sys\n"
         "from densekit.apps.cli import main\n"
         f"rc = main({args + ['--help']!r})\n"
-        "heavy = [m for m in ('torch', 'timm', 'cv2', 'skimage', 'matplotlib') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'timm', 'cv2', 'skimage', 'matplotlib', 'gradio', 'faiss', 'pymilvus')\n"
+        "         if m in sys.modules]\n"
         "assert rc == 0, rc\n"
         "assert not heavy, heavy\n"
     )

@@ -1,0 +1,1122 @@
+"""``densekit demo``: the main job on the embedded default, end to end, as one resumable function.
+
+:func:`run_demo` runs six steps into one folder ``OUT`` and ends with the command that opens the app on
+the results:
+
+1. **sample**: the embedded sample dataset (:func:`densekit.serve.sample.make_sample`) in ``OUT/sample``;
+2. **train**: a short self-supervised run (:class:`densekit.train.trainer.Trainer`) in ``OUT/train`` under a
+   wall-clock budget: a 6-step calibration run measures seconds per step (median of its last 3), ``max_steps``
+   is set so that the run takes ``minutes`` (so the cosine schedule runs to its end, as
+   ``benchmarks/train_quality.py`` does), and a guard stops it at 1.5x the budget if the machine gets slower;
+3. **export**: ONNX export of the trained backbone with its parity check
+   (:func:`densekit.export.onnx.export_onnx`), and a TensorRT engine where TensorRT and a GPU exist;
+4. **eval**: DAVIS J&F on the sample's held-out ``val`` split of the trained model (run through its ONNX file
+   with ONNX Runtime), the ImageNet-pretrained EfficientNet-Lite0, and two baselines: random init of the
+   trained architecture (same seed as the run's start) and raw pixels;
+5. **index**: a :class:`~densekit.retrieval.segment_index.SegmentIndex` of the sample frames with the best
+   model of step 4 (trained or pretrained: the baselines are references, not candidates) and one search by
+   a point on a known object of a held-out frame, scored by the class of each hit;
+6. **report**: ``OUT/report.md`` with relative links to PNGs in ``OUT/report/`` and ``OUT/search/``.
+
+Resumable: ``OUT/demo.json`` records, per step, a fingerprint of its inputs (options and the completion
+time of the steps it depends on), its timings and its results. A step whose fingerprint matches and whose
+outputs exist is skipped; a step whose inputs changed runs again, and so do the steps after it. A training
+run interrupted part-way resumes from its last state checkpoint (``Trainer(resume=True)``). ``force=True``
+redoes everything. Every file is written atomically (:mod:`densekit.serve.atomic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from densekit.serve.atomic import atomic_path, write_text_atomic
+from densekit.serve.errors import DensekitError
+
+Log = Callable[[str], None]
+
+MANIFEST = "demo.json"
+GENERATOR = "densekit.apps.demo"
+FORMAT = 1
+STEPS = ("sample", "train", "export", "eval", "index", "report")
+PRETRAINED = "efficientnet_lite0"
+TRT_SKIPPED = "skipped: no TensorRT/GPU"
+#: the default objective and backbone: the pair that learned most per unit of training time in the
+#: 2-minute run of benchmarks/train_quality.py (hierarchical grouping on resnet18)
+DEFAULT_OBJECTIVE = "hiergroup"
+DEFAULT_BACKBONE = "resnet18"
+CALIBRATION_STEPS = 6
+DEADLINE_FACTOR = 1.5  # training stops at this multiple of the budget if the machine slowed down
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Size of the sample dataset."""
+
+    sequences: int
+    frames: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Training settings; ``steps`` fixed (fast mode) or None (time budget)."""
+
+    size: int
+    batch_size: int
+    workers: int
+    steps: int | None
+
+
+# The sample of `densekit data sample` and the settings of benchmarks/train_quality.py (crop 128, batch 8,
+# one loader worker); fast mode: the smallest sample make_sample accepts that still has a held-out split.
+FULL_SAMPLE = SampleSpec(sequences=6, frames=24, height=240, width=432)
+FAST_SAMPLE = SampleSpec(sequences=3, frames=8, height=96, width=160)
+FULL_TRAIN = TrainSpec(size=128, batch_size=8, workers=1, steps=None)
+FAST_TRAIN = TrainSpec(size=64, batch_size=2, workers=0, steps=3)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``densekit demo`` was asked to do (see :func:`run_demo`)."""
+
+    out: Path = Path("runs/demo")
+    minutes: float = 3.0
+    objective: str = DEFAULT_OBJECTIVE
+    backbone: str = DEFAULT_BACKBONE
+    fast: bool = False
+    force: bool = False
+    preset: str = "dino"
+    seed: int = 0
+
+    @property
+    def sample_spec(self) -> SampleSpec:
+        return FAST_SAMPLE if self.fast else FULL_SAMPLE
+
+    @property
+    def train_spec(self) -> TrainSpec:
+        return FAST_TRAIN if self.fast else FULL_TRAIN
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` returns: where things are, the J&F rows, and what ran or was skipped."""
+
+    out: Path
+    report: Path
+    app_command: str
+    jf: list[dict[str, Any]]
+    best: str
+    seconds: float
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def fmt_seconds(s: float) -> str:
+    """``4.2 s``, ``3 min 05 s``."""
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(round(s), 60)
+    return f"{m} min {sec:02d} s"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
+def _backbone_label(backbone: str) -> str:
+    return Path(backbone).stem if backbone.lower().endswith(".safetensors") else backbone
+
+
+def validate_options(opts: DemoOptions) -> None:
+    """Bad options -> DensekitError (one line) before anything is written."""
+    if not isinstance(opts.minutes, (int, float)) or not math.isfinite(opts.minutes) or opts.minutes <= 0:
+        raise DensekitError(f"--minutes must be a positive number, got {opts.minutes}")
+    if opts.preset not in ("crw", "dino"):
+        raise DensekitError(f"unknown preset {opts.preset!r}; choose crw or dino")
+    from densekit.train.trainer import get_objective_class
+
+    get_objective_class(opts.objective)  # unknown name -> one line listing the known ones
+    if opts.backbone.lower().endswith(".safetensors"):
+        if not Path(opts.backbone).is_file():
+            raise DensekitError(f"--backbone {opts.backbone}: file not found")
+    else:
+        from densekit.serve.backbones import default_arch
+
+        default_arch(opts.backbone)
+        if opts.backbone == "pixels":
+            raise DensekitError("--backbone pixels has no weights to train; choose resnet18, resnet50 or efficientnet_lite0")
+
+
+def prepare_out(out: Path) -> bool:
+    """Create ``out`` (or accept a previous demo there) and check it is writable; True when resuming.
+
+    Raises:
+        DensekitError: ``out`` is a file, a non-empty folder without a demo manifest, or not writable.
+    """
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise DensekitError(f"--out {out} exists and is not a folder")
+    resuming = (out / MANIFEST).is_file()
+    if out.is_dir() and not resuming and any(out.iterdir()):
+        raise DensekitError(f"--out {out} is not empty and holds no densekit demo ({MANIFEST}); choose an empty or new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise DensekitError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return resuming
+
+
+class Manifest:
+    """``OUT/demo.json``: per step ``{fingerprint, done, seconds, finished, result}``; written atomically."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / MANIFEST
+        self.data: dict[str, Any] = {"generator": GENERATOR, "format": FORMAT, "steps": {}}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise DensekitError(f"{self.path} is not a readable demo manifest ({exc}); remove it or use --force") from None
+            if not isinstance(data, dict) or data.get("generator") != GENERATOR:
+                raise DensekitError(f"{self.path} was not written by densekit demo; choose another --out")
+            if data.get("format") == FORMAT and isinstance(data.get("steps"), dict):
+                self.data = data
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self.data["steps"].get(name)
+
+    def put(self, name: str, entry: dict[str, Any]) -> None:
+        self.data["steps"][name] = entry
+        self.save()
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Demo:
+    """Holds the options, the manifest and the printing; one method per step."""
+
+    def __init__(self, opts: DemoOptions, log: Log) -> None:
+        self.opts = opts
+        self.out = opts.out
+        self.log = log
+        self.manifest = Manifest(opts.out)
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.label = f"{opts.objective} {_backbone_label(opts.backbone)}"
+        self.trained_key = "trained"
+
+    # -- paths -----------------------------------------------------------------------------------------
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.out / "sample"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.out / "train"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.out / "index"
+
+    def onnx_path(self, key: str) -> Path:
+        name = "-".join(self.label.split()) if key == self.trained_key else key
+        return self.out / "export" / name / "model.onnx"
+
+    def eval_dir(self, key: str) -> Path:
+        return self.out / "eval" / key
+
+    # -- step bookkeeping ------------------------------------------------------------------------------
+
+    def finished(self, name: str) -> float:
+        entry = self.manifest.get(name)
+        return float(entry["finished"]) if entry and entry.get("done") else 0.0
+
+    def cached(self, name: str, inputs: dict[str, Any], outputs: list[Path]) -> dict[str, Any] | None:
+        """The manifest entry of ``name`` when it is done with these inputs and its outputs exist."""
+        entry = self.manifest.get(name)
+        if self.opts.force or not entry or not entry.get("done") or entry.get("fingerprint") != _hash(inputs):
+            return None
+        if not all(p.exists() for p in outputs):
+            return None
+        return entry
+
+    def record(
+        self, name: str, inputs: dict[str, Any], seconds: float, result: dict[str, Any], cpu: float | None = None
+    ) -> dict[str, Any]:
+        entry = {"fingerprint": _hash(inputs), "done": True, "seconds": seconds, "cpu_seconds": cpu,
+                 "finished": time.time(), "result": result}
+        self.manifest.put(name, entry)
+        return entry
+
+    def run_step(
+        self, number: int, name: str, title: str, inputs: dict[str, Any], outputs: list[Path],
+        body: Callable[[], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Print the header, skip when cached, otherwise run ``body`` and record its result."""
+        head = f"[{number}/{len(STEPS)}] {title}"
+        entry = self.cached(name, inputs, outputs)
+        if entry is not None:
+            self.log(f"{head}: skipped, done in an earlier run ({fmt_seconds(entry['seconds'])})")
+            self.skipped.append(name)
+            return entry["result"]
+        self.log(f"{head} ...")
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = body()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.record(name, inputs, seconds, result, cpu)
+        self.ran.append(name)
+        self.log(f"      done in {fmt_seconds(seconds)} (CPU time of this process {fmt_seconds(cpu)})")
+        return result
+
+    def sub(self, text: str) -> None:
+        self.log(f"      {text}")
+
+    # -- 1. sample -------------------------------------------------------------------------------------
+
+    def step_sample(self) -> dict[str, Any]:
+        spec = self.opts.sample_spec
+        inputs = {"spec": asdict(spec), "seed": self.opts.seed}
+
+        def body() -> dict[str, Any]:
+            from densekit.serve.davis import DavisRoot
+            from densekit.serve.sample import make_sample
+
+            self.sub(f"{spec.sequences} sequences x {spec.frames} frames at {spec.width}x{spec.height} -> {self.sample_dir}")
+            make_sample(self.sample_dir, sequences=spec.sequences, frames=spec.frames, height=spec.height,
+                        width=spec.width, seed=self.opts.seed)
+            davis = DavisRoot(self.sample_dir)
+            return {"train": davis.sequences("train"), "val": davis.sequences("val")}
+
+        return self.run_step(1, "sample", f"sample data -> {self.sample_dir}", inputs,
+                             [self.sample_dir / "sample.json"], body)
+
+    # -- 2. train --------------------------------------------------------------------------------------
+
+    def _train_config(self, steps: int, out: Path, calibration: bool = False):
+        from densekit.train.config import build_config
+
+        t = self.opts.train_spec
+        overrides = [
+            f"max_steps={steps}", f"batch_size={t.batch_size}", f"data.size=[{t.size},{t.size}]", "data.split=train",
+            f"data.num_workers={t.workers}", f"progress={'false' if calibration else 'true'}", "tensorboard=false",
+            f"save_every={0 if calibration else max(1, steps // 5)}", f"log_every={max(1, min(10, steps // 10))}",
+            f"seed={self.opts.seed}", "optim.warmup_steps=-1", "device=cpu",
+        ]
+        return build_config(overrides=overrides, objective=self.opts.objective, backbone=self.opts.backbone,
+                            out=str(out), data_path=str(self.sample_dir))
+
+    def _calibrate(self) -> tuple[int, float, list[float]]:
+        """(max_steps filling the budget, seconds per step, step times) from a short calibration run.
+
+        The first steps carry start-up costs (loader worker start, first batches of region hierarchies), so
+        seconds per step is the median of the last 3 of 6 steps.
+        """
+        from densekit.train.trainer import Trainer
+
+        calib_dir = self.out / ".train-calibration"
+        shutil.rmtree(calib_dir, ignore_errors=True)
+        times: list[float] = [time.perf_counter()]
+        try:
+            Trainer(self._train_config(CALIBRATION_STEPS, calib_dir, calibration=True),
+                    hooks=[lambda _t, _s: times.append(time.perf_counter())]).fit()
+        finally:
+            shutil.rmtree(calib_dir, ignore_errors=True)
+        intervals = list(np.diff(times))
+        per_step = max(float(np.median(intervals[-3:])), 1e-3)
+        return max(2, int(self.opts.minutes * 60.0 / per_step)), per_step, [float(v) for v in intervals]
+
+    def step_train(self, sample: dict[str, Any]) -> dict[str, Any]:
+        opts = self.opts
+        budget = None if opts.fast else opts.minutes
+        inputs = {"sample": self.finished("sample"), "objective": opts.objective, "backbone": opts.backbone,
+                  "minutes": budget, "spec": asdict(opts.train_spec), "seed": opts.seed}
+        backbone_file = self.train_dir / "backbone.safetensors"
+        title = f"train {opts.objective} on {_backbone_label(opts.backbone)} " + (
+            f"for {opts.train_spec.steps} steps (--fast)" if opts.fast else f"for {opts.minutes:g} min (wall clock)"
+        )
+
+        def body() -> dict[str, Any]:
+            from densekit.train.trainer import STATE_FILE, Trainer
+
+            fp = _hash(inputs)
+            partial = self.manifest.get("train:partial")
+            resume = (not opts.force and partial is not None and partial.get("fingerprint") == fp
+                      and (self.train_dir / STATE_FILE).is_file())
+            per_step = None
+            if resume:
+                assert partial is not None
+                steps = int(partial["max_steps"])
+                self.sub(f"resuming the interrupted run in {self.train_dir} (target {steps} steps)")
+            else:
+                shutil.rmtree(self.train_dir, ignore_errors=True)
+                if opts.train_spec.steps is not None:
+                    steps = opts.train_spec.steps
+                else:
+                    self.sub(f"calibrating: timing {CALIBRATION_STEPS} steps ...")
+                    steps, per_step, intervals = self._calibrate()
+                    self.sub(f"step times {', '.join(f'{v:.1f}' for v in intervals)} s -> {per_step:.2f} s/step -> "
+                             f"{steps} steps to fill {opts.minutes:g} min")
+                self.manifest.put("train:partial", {"fingerprint": fp, "max_steps": steps, "done": False})
+            cfg = self._train_config(steps, self.train_dir)
+            deadline = None if budget is None else time.perf_counter() + DEADLINE_FACTOR * budget * 60.0
+            guard = _Deadline(deadline, backbone_file)
+            t0 = time.perf_counter()
+            try:
+                res = Trainer(cfg, resume=resume, hooks=[guard]).fit()
+                step, ips, loss = res.step, res.images_per_s, res.metrics.get("loss")
+            except _OutOfTime as stop:
+                step, ips, loss = stop.step, stop.images_per_s, None
+                self.sub(f"stopped at step {step} of {steps}: {DEADLINE_FACTOR:g}x the budget has passed "
+                         "(the machine got slower after calibration)")
+            seconds = time.perf_counter() - t0
+            if not backbone_file.is_file():
+                raise DensekitError(f"training ended without {backbone_file}")
+            if loss is None:
+                loss = _last_logged_loss(self.train_dir / "log.jsonl")
+            self.sub(f"{step} steps, {ips:.2f} samples/s, last loss {loss:.4f}" if loss is not None
+                     else f"{step} steps, {ips:.2f} samples/s")
+            return {"steps": step, "max_steps": steps, "samples_per_s": ips, "loss": loss,
+                    "train_seconds": seconds, "seconds_per_step": per_step, "resumed": resume,
+                    "batch_size": opts.train_spec.batch_size, "crop": opts.train_spec.size,
+                    "stopped_early": step < steps}
+
+        return self.run_step(2, "train", title, inputs, [backbone_file], body)
+
+    # -- 3. export -------------------------------------------------------------------------------------
+
+    def _export(self, model: str, dest: Path) -> dict[str, Any]:
+        from densekit.export.onnx import export_onnx
+
+        report = export_onnx(model, dest, log=self.sub)
+        return {
+            "onnx": _rel(dest, self.out),
+            "exporter": report.exporter,
+            "opset": report.opset,
+            "parity": [{"size": list(r.size), "batch": r.batch, "max_abs": r.max_abs, "cosine": r.cosine,
+                        "min_location_cosine": r.min_location_cosine} for r in report.parity],
+            "trt_parser_issues": report.trt_issues,
+            "export_seconds": report.seconds,
+        }
+
+    def _tensorrt(self, onnx_path: Path) -> dict[str, Any]:
+        status = tensorrt_unavailable()
+        if status is not None:
+            self.sub(f"TensorRT: {status}")
+            return {"status": status}
+        from densekit.export.trt import build_engine
+
+        engine = onnx_path.with_suffix(".engine")
+        try:
+            rep = build_engine(onnx_path, engine, fp16=True, log=self.sub)
+        except DensekitError as exc:  # optional: the demo goes on with the ONNX model
+            self.sub(f"TensorRT: failed: {exc}")
+            return {"status": f"failed: {exc}"}
+        status = f"built {_rel(engine, self.out)} ({rep.plan.precision}, TensorRT {rep.info.tensorrt_version})"
+        self.sub(f"TensorRT: {status}")
+        return {"status": status, "engine": _rel(engine, self.out),
+                "parity": [list(map(float, p[2:])) for p in rep.parity]}
+
+    def step_export(self) -> dict[str, Any]:
+        dest = self.onnx_path(self.trained_key)
+        inputs = {"train": self.finished("train")}
+
+        def body() -> dict[str, Any]:
+            shutil.rmtree(dest.parent, ignore_errors=True)
+            result = self._export(str(self.train_dir / "backbone.safetensors"), dest)
+            result["tensorrt"] = self._tensorrt(dest)
+            return result
+
+        return self.run_step(3, "export", f"export ONNX -> {dest}", inputs, [dest], body)
+
+    # -- 4. eval ---------------------------------------------------------------------------------------
+
+    def models(self) -> list[tuple[str, str]]:
+        """(key, label) of the evaluated models, in table order."""
+        return [
+            (self.trained_key, f"{self.label} (trained, ONNX)"),
+            (PRETRAINED, "efficientnet_lite0 (ImageNet-pretrained)"),
+            ("random", f"{_backbone_label(self.opts.backbone)} random init"),
+            ("pixels", "pixels"),
+        ]
+
+    def _extractor(self, key: str):
+        from densekit.serve.extractor import FeatureExtractor
+
+        if key == self.trained_key:
+            return FeatureExtractor(self.onnx_path(key), device="cpu")
+        if key == "random":
+            from densekit.serve.backbones import build_from_arch
+            from densekit.serve.checkpoint import read_checkpoint_metadata
+
+            meta, _ = read_checkpoint_metadata(self.train_dir / "backbone.safetensors")
+            # the trained architecture with the seed the run started from, no shipped weights
+            return FeatureExtractor(build_from_arch(meta.name, meta.arch, seed=self.opts.seed, pretrained=False),
+                                    device="cpu")
+        return FeatureExtractor(key, device="cpu")
+
+    def _eval_one(self, key: str, label: str, val: list[str]) -> dict[str, Any]:
+        from densekit.apps.cli import _progress, _propagate_to_dir, _propagation_config
+        from densekit.retrieval.davis_eval import evaluate_davis, write_csvs
+        from densekit.retrieval.propagation import MaskPropagator
+        from densekit.serve.davis import DavisRoot
+        from densekit.serve.imageio import open_video, read_image
+        from densekit.serve.viz import pca_rgb
+
+        out = self.eval_dir(key)
+        shutil.rmtree(out, ignore_errors=True)
+        davis = DavisRoot(self.sample_dir)
+        extractor = self._extractor(key)
+        t0 = time.perf_counter()
+        frames = 0
+        with _progress() as progress:
+            for seq in val:
+                paths = davis.frame_paths(seq)
+                first = read_image(paths[0])
+                # dino: DINO's protocol resizes to a 480-pixel short side; native size here, for CPU time
+                native = min(first.shape[:2]) if self.opts.preset == "dino" else None
+                cfg = _propagation_config(self.opts.preset, None, None, None, None, native)
+                _write_png(out / f"pca-{seq}.png", pca_rgb(extractor(first), size=first.shape[:2]))
+                frames += _propagate_to_dir(MaskPropagator(extractor, cfg), open_video(paths[0].parent),
+                                            davis.first_mask(seq), out / seq, progress, f"{key}: {seq}")
+        track_s = time.perf_counter() - t0
+        res = evaluate_davis(self.sample_dir, out, sequences=val)
+        write_csvs(res, out, "val")
+        g = res.global_row
+        row = {"key": key, "label": label, "J&F": g["J&F-Mean"], "J": g["J-Mean"], "F": g["F-Mean"],
+               "sequences": res.sequence_means(), "frames": frames, "track_seconds": track_s,
+               "fps": frames / max(track_s, 1e-9), "runs_on": f"{extractor.backend_name} ({extractor.provider})"}
+        self.sub(f"{label}: J&F {row['J&F']:.3f} (J {row['J']:.3f}, F {row['F']:.3f}), "
+                 f"{frames} frames at {row['fps']:.1f} fps")
+        return row
+
+    def step_eval(self, sample: dict[str, Any]) -> list[dict[str, Any]]:
+        val = list(sample["val"])
+        number = 4
+        self.log(f"[{number}/{len(STEPS)}] DAVIS J&F on the sample's val split ({', '.join(val)}), "
+                 f"{preset_text(self.opts.preset)}")
+        rows = []
+        for key, label in self.models():
+            inputs: dict[str, Any] = {"sample": self.finished("sample"), "preset": self.opts.preset, "key": key}
+            if key == self.trained_key:
+                inputs["export"] = self.finished("export")
+            elif key == "random":
+                inputs["train"] = self.finished("train")
+            name = f"eval:{key}"
+            outputs = [self.eval_dir(key) / "global_results-val.csv"] + [self.eval_dir(key) / f"pca-{s}.png" for s in val]
+            entry = self.cached(name, inputs, outputs)
+            if entry is not None:
+                row = entry["result"]
+                self.sub(f"{label}: skipped, done in an earlier run (J&F {row['J&F']:.3f})")
+                self.skipped.append(name)
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                row = self._eval_one(key, label, val)
+                self.record(name, inputs, time.perf_counter() - t0, row, time.process_time() - c0)
+                self.ran.append(name)
+            rows.append(row)
+        return rows
+
+    # -- 5. index and search ---------------------------------------------------------------------------
+
+    def best(self, rows: list[dict[str, Any]]) -> str:
+        """The candidate (trained or pretrained) with the higher J&F."""
+        candidates = [r for r in rows if r["key"] in (self.trained_key, PRETRAINED)]
+        return max(candidates, key=lambda r: r["J&F"])["key"]
+
+    def step_index(self, sample: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        best = self.best(rows)
+        onnx = self.onnx_path(best)
+        inputs = {"sample": self.finished("sample"), "best": best, "model": self.finished(
+            "export" if best == self.trained_key else "eval:" + best), "seed": self.opts.seed,
+                  "path": str(onnx.resolve())}  # the index stores its model's absolute path: a moved OUT re-indexes
+        grid = self.out / "search" / "grid.png"
+
+        def body() -> dict[str, Any]:
+            export = None
+            if best != self.trained_key:
+                previous = (self.manifest.get("index") or {}).get("result", {}).get("export")
+                if onnx.is_file() and previous and not self.opts.force:  # written atomically: a file there is a finished, checked export
+                    self.sub(f"best model is {best}: its ONNX export is already there ({onnx})")
+                    export = previous
+                else:
+                    self.sub(f"best model is {best}: exporting it to ONNX for the index and the app")
+                    export = self._export(best, onnx)
+            result = build_index_and_search(self.sample_dir, sample, onnx, self.index_dir, grid, self.out,
+                                            k=5 if self.opts.fast else 10, seed=self.opts.seed, log=self.sub)
+            result.update(best=best, onnx=_rel(onnx, self.out), export=export)
+            return result
+
+        return self.run_step(5, "index", f"segment index of the sample frames with the best model ({best}) "
+                             f"-> {self.index_dir}, one search", inputs, [self.index_dir / "meta.sqlite", grid, onnx], body)
+
+    # -- 6. report -------------------------------------------------------------------------------------
+
+    def step_report(self, parts: dict[str, Any]) -> dict[str, Any]:
+        inputs = {k: self.finished(k) for k in ("sample", "train", "export", "index")}
+        inputs.update({f"eval:{k}": self.finished(f"eval:{k}") for k, _ in self.models()})
+        inputs["app"] = parts["app_command"]
+        report = self.out / "report.md"
+
+        def body() -> dict[str, Any]:
+            images = write_report_images(self, parts)
+            text = report_markdown(self, parts, images)
+            write_text_atomic(report, text)
+            self.sub(f"wrote {report} and {len(images)} pictures")
+            return {"report": _rel(report, self.out), "images": sorted(images.values())}
+
+        rdir = self.out / "report"
+        pictures = [rdir / "jf.png", rdir / "pca.png"] + [rdir / f"overlays-{s}.png" for s in parts["sample"]["val"]]
+        return self.run_step(6, "report", f"report -> {report}", inputs, [report, *pictures], body)
+
+
+class _OutOfTime(Exception):
+    def __init__(self, step: int, images_per_s: float) -> None:
+        super().__init__(step)
+        self.step = step
+        self.images_per_s = images_per_s
+
+
+class _Deadline:
+    """Trainer hook: past the deadline, write the student backbone as the trainer would, then stop."""
+
+    def __init__(self, deadline: float | None, dest: Path) -> None:
+        self.deadline = deadline
+        self.dest = dest
+        self.t0 = time.perf_counter()
+        self.steps = 0
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        self.steps += 1
+        if self.deadline is None or time.perf_counter() < self.deadline or step >= trainer.cfg.max_steps:
+            return
+        import copy
+        import dataclasses
+
+        from densekit.serve.checkpoint import save_checkpoint
+
+        student = copy.deepcopy(trainer.model.student_backbone()).to("cpu").eval()
+        student.meta = dataclasses.replace(student.meta, objective=trainer.cfg.objective)
+        save_checkpoint(student, self.dest, extra_meta={
+            "train_steps": step, "train_seed": trainer.cfg.seed, "train_hparams": trainer.cfg.hparams,
+            "stopped_early": True,
+        })
+        ips = self.steps * trainer.cfg.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        raise _OutOfTime(step, ips)
+
+
+def _last_logged_loss(log_file: Path) -> float | None:
+    loss = None
+    if log_file.is_file():
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "loss" in rec:
+                loss = float(rec["loss"])
+    return loss
+
+
+def preset_text(preset: str) -> str:
+    """How the propagation preset is run, in words (see densekit.retrieval.propagation.PRESETS)."""
+    if preset == "dino":
+        return "dino preset (first + last 7 frames, top-5, T 0.1) with the frames' native short side"
+    return "crw preset (first + last 20 frames, top-10, T 0.05) at the frames' native size"
+
+
+def tensorrt_unavailable() -> str | None:
+    """None when TensorRT and a CUDA GPU are both here, else the "skipped" line (imports nothing heavy
+    unless TensorRT is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return TRT_SKIPPED
+    import torch
+
+    if not torch.cuda.is_available():
+        return TRT_SKIPPED
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index and search
+# ----------------------------------------------------------------------------------------------------
+
+
+def pick_query(sample_dir: Path, seqs: list[str]) -> tuple[Path, int, tuple[int, int], np.ndarray]:
+    """A held-out query: among the odd frames of ``seqs`` (the index holds the even ones), the object that is
+    most visible (largest inscribed disc), and the point deepest inside it (the maximum of its distance
+    transform, the frame edge counting as outside); ties go to the first sequence, then the frame nearest
+    the middle.
+
+    Returns:
+        (frame path, object id, (x, y), (H, W) bool mask of the object).
+    """
+    import cv2
+    from densekit.serve.davis import DavisRoot
+    from densekit.serve.imageio import read_mask
+
+    davis = DavisRoot(sample_dir)
+    best: tuple[float, Path, int, tuple[int, int], np.ndarray] | None = None
+    for seq in seqs:
+        frames = davis.frame_paths(seq)
+        annos = davis.annotation_paths(seq)
+        odd = [i for i in range(len(frames)) if i % 2 == 1] or list(range(len(frames)))
+        for i in sorted(odd, key=lambda i: abs(i - len(frames) // 2)):
+            mask = read_mask(annos[i])
+            for obj in np.unique(mask[(mask > 0) & (mask < 255)]):
+                region = mask == obj
+                dist = cv2.distanceTransform(np.pad(region.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+                y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+                if best is None or float(dist[y, x]) > best[0]:
+                    best = (float(dist[y, x]), frames[i], int(obj), (int(x), int(y)), region)
+    if best is None:
+        raise DensekitError(f"no visible object in any frame of {', '.join(seqs)}")
+    _, frame, obj, point, region = best
+    return frame, obj, point, region
+
+
+def _semantic_path(sample_dir: Path, frame: Path) -> Path:
+    return sample_dir / "SemanticAnnotations" / "480p" / frame.parent.name / f"{frame.stem}.png"
+
+
+def hit_class(sample_dir: Path, frame: Path, mask: np.ndarray, classes: list[str]) -> str:
+    """The majority class (SemanticAnnotations) under a segment mask of a sample frame."""
+    from densekit.serve.imageio import read_mask
+
+    sem = read_mask(_semantic_path(sample_dir, frame))
+    if sem.shape != mask.shape or not mask.any():
+        return "?"
+    ids, counts = np.unique(sem[mask], return_counts=True)
+    cid = int(ids[np.argmax(counts)])
+    return classes[cid] if cid < len(classes) else str(cid)
+
+
+def build_index_and_search(
+    sample_dir: Path, sample: dict[str, Any], model: Path, index_dir: Path, grid: Path, out: Path,
+    *, k: int = 10, seed: int = 0, log: Log = print,
+) -> dict[str, Any]:
+    """Index the even frames of every sample sequence, then search with a point on the most visible object of an
+    odd (not indexed) frame of a val sequence; hits are labelled with their class.
+
+    Returns a JSON-able dict: counts, the query, the hits (rank, score, frame, class) and class precision.
+    """
+    from densekit.apps.cmd_index import write_grid
+    from densekit.retrieval.segment_index import SegmentIndex, _upsample
+    from densekit.serve.davis import DavisRoot
+    from densekit.serve.imageio import read_image
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    davis = DavisRoot(sample_dir)
+    classes = (sample_dir / "classes.txt").read_text(encoding="utf-8").split()
+    files = [p for seq in davis.sequences() for i, p in enumerate(davis.frame_paths(seq)) if i % 2 == 0]
+    shutil.rmtree(index_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    with SegmentIndex.create(index_dir, str(model.resolve()), seed=seed) as idx, Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), transient=False,
+    ) as progress:
+        task = progress.add_task("indexing", total=len(files))
+        report = idx.add_images(files, progress=lambda _n, _a: progress.advance(task))
+        n_images, n_segments = len(idx), idx.n_segments
+        index_s = time.perf_counter() - t0
+        log(f"indexed {n_images} frames ({n_segments} segments) in {fmt_seconds(index_s)}"
+            + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
+
+        qpath, obj, point, obj_mask = pick_query(sample_dir, list(sample["val"]))
+        query = read_image(qpath)
+        qclass = hit_class(sample_dir, qpath, obj_mask, classes)
+        t1 = time.perf_counter()
+        hits = idx.search(query, point=point, k=k)
+        search_s = time.perf_counter() - t1
+        # the query region as the index sees it (the K-means segment under the point), for the picture
+        feats = idx._features(query)
+        region = _upsample(idx.query_cells(query, feats, point=point), query.shape[0], query.shape[1])
+    write_grid(grid, query, region, hits)
+    rows = []
+    for rank, h in enumerate(hits, 1):
+        p = Path(h.path) if h.path else None
+        cls = hit_class(sample_dir, p, h.mask, classes) if p is not None else "?"
+        rows.append({"rank": rank, "score": h.score, "frame": f"{p.parent.name}/{p.name}" if p else "-",
+                     "class": cls, "same_class": cls == qclass})
+    precision = sum(r["same_class"] for r in rows) / max(1, len(rows))
+    log(f"query: {qpath.parent.name}/{qpath.name} at (x={point[0]}, y={point[1]}), object {obj} ({qclass}); "
+        f"{sum(r['same_class'] for r in rows)} of {len(rows)} hits are {qclass} ({search_s * 1000:.0f} ms)")
+    return {
+        "index": _rel(index_dir, out), "images": n_images, "segments": n_segments, "index_seconds": index_s,
+        "query": {"frame": f"{qpath.parent.name}/{qpath.name}", "path": _rel(qpath, out), "object": obj,
+                  "class": qclass, "point": list(point)},
+        "hits": rows, "precision": precision, "search_ms": search_s * 1000, "grid": _rel(grid, out), "k": k,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures and the report
+# ----------------------------------------------------------------------------------------------------
+
+
+def _write_png(dest: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    with atomic_path(dest, suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
+            raise DensekitError(f"could not write {dest}")
+
+
+def _label_tile(text: str, height: int, width: int, colour: tuple[int, int, int] = (245, 245, 245)) -> np.ndarray:
+    """A (height, width, 3) tile with ``text`` wrapped onto lines."""
+    import cv2
+
+    tile = np.full((height, width, 3), colour, np.uint8)
+    scale, thick = 0.45, 1
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if cv2.getTextSize(trial, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] > width - 10 and line:
+            lines.append(line)
+            line = w
+        else:
+            line = trial
+    if line:
+        lines.append(line)
+    y = max(16, (height - 18 * len(lines)) // 2 + 12)
+    for ln in lines:
+        cv2.putText(tile, ln, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), thick, cv2.LINE_AA)
+        y += 18
+    return tile
+
+
+def _fit(img: np.ndarray, width: int) -> np.ndarray:
+    import cv2
+
+    h, w = img.shape[:2]
+    if w == width:
+        return img
+    return cv2.resize(img, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+
+
+def overlay_strip(frames: list[np.ndarray], rows: list[tuple[str, list[np.ndarray]]], col_titles: list[str],
+                  tile_w: int, label_w: int = 170) -> np.ndarray:
+    """A picture with one row per (label, masks): each frame with its mask overlaid, label on the left."""
+    from densekit.serve.imageio import overlay
+
+    tiles_h = _fit(frames[0], tile_w).shape[0]
+    head = [_label_tile("", 24, label_w)] + [_label_tile(t, 24, tile_w) for t in col_titles]
+    out_rows = [np.concatenate(head, axis=1)]
+    for label, masks in rows:
+        cells = [_label_tile(label, tiles_h, label_w)]
+        for f, m in zip(frames, masks):
+            cells.append(_fit(overlay(f, m, 0.5), tile_w))
+        out_rows.append(np.concatenate(cells, axis=1))
+    return np.concatenate(out_rows, axis=0)
+
+
+def jf_chart(rows: list[dict[str, Any]], dest: Path, title: str) -> None:
+    """Grouped bars (J, F, J&F) per model, written atomically as PNG with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(6.0, 1.7 * len(rows) + 1.5), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for off, key, colour, name in ((-0.27, "J", "#4C72B0", "J (region)"), (0.0, "F", "#DD8452", "F (boundary)"),
+                                   (0.27, "J&F", "#55A868", "J&F")):
+        vals = [r[key] for r in rows]
+        bars = ax.bar(x + off, vals, width=0.27, color=colour, label=name)
+        if key == "J&F":
+            ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["label"].replace(" (", "\n(") for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(dest, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def loss_chart(log_file: Path, dest: Path, title: str) -> bool:
+    """Training loss against step from ``log.jsonl``; False when there is nothing to plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = []
+    if log_file.is_file():
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "loss" in rec and "step" in rec:
+                pts.append((int(rec["step"]), float(rec["loss"])))
+    if not pts:
+        return False
+    fig = Figure(figsize=(6.0, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(dest, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return True
+
+
+def write_report_images(demo: _Demo, parts: dict[str, Any]) -> dict[str, str]:
+    """Every PNG of the report (name -> path relative to OUT)."""
+    from densekit.serve.davis import DavisRoot
+    from densekit.serve.imageio import read_image, read_mask
+
+    out = demo.out
+    rdir = out / "report"
+    rows = parts["jf"]
+    images: dict[str, str] = {}
+    jf_png = rdir / "jf.png"
+    jf_chart(rows, jf_png, f"DAVIS J&F on the sample's val split ({demo.opts.preset} preset)")
+    images["jf"] = _rel(jf_png, out)
+    loss_png = rdir / "train-loss.png"
+    if loss_chart(demo.train_dir / "log.jsonl", loss_png, f"training loss: {demo.label}"):
+        images["loss"] = _rel(loss_png, out)
+
+    davis = DavisRoot(demo.sample_dir)
+    val = parts["sample"]["val"]
+    first_frames = []
+    for seq in val:
+        paths = davis.frame_paths(seq)
+        n = len(paths)
+        picks = sorted({round(float(t)) for t in np.linspace(0, n - 1, min(4, n))})
+        frames = [read_image(paths[i]) for i in picks]
+        first_frames.append(frames[0])
+        tile_w = min(frames[0].shape[1], 288)
+        strip_rows = [("ground truth", [read_mask(p) for p in (davis.annotation_paths(seq)[i] for i in picks)])]
+        for r in rows:
+            strip_rows.append((f"{r['label']}  J&F {r['J&F']:.3f}",
+                               [read_mask(demo.eval_dir(r["key"]) / seq / f"{paths[i].stem}.png") for i in picks]))
+        titles = [f"frame {paths[i].stem}" + (" (given)" if i == 0 else "") for i in picks]
+        png = rdir / f"overlays-{seq}.png"
+        _write_png(png, overlay_strip(frames, strip_rows, titles, tile_w))
+        images[f"overlays-{seq}"] = _rel(png, out)
+
+    # PCA: one row per val sequence (its first frame), one column per model
+    tile_w = min(first_frames[0].shape[1], 288)
+    head = [_label_tile("frame", 24, tile_w)] + [_label_tile(r["label"], 24, tile_w) for r in rows]
+    pca_rows = [np.concatenate(head, axis=1)]
+    for seq, frame in zip(val, first_frames):
+        cells = [_fit(frame, tile_w)]
+        for r in rows:
+            cells.append(_fit(read_image(demo.eval_dir(r["key"]) / f"pca-{seq}.png"), tile_w))
+        h = min(c.shape[0] for c in cells)
+        pca_rows.append(np.concatenate([c[:h] for c in cells], axis=1))
+    png = rdir / "pca.png"
+    _write_png(png, np.concatenate(pca_rows, axis=0))
+    images["pca"] = _rel(png, out)
+    images["search"] = parts["index"]["grid"]
+    return images
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(demo: _Demo, parts: dict[str, Any], images: dict[str, str]) -> str:
+    """The text of ``OUT/report.md`` (images linked relative to OUT)."""
+    import platform
+
+    opts = demo.opts
+    sample, train, export, rows, index = parts["sample"], parts["train"], parts["export"], parts["jf"], parts["index"]
+    spec = opts.sample_spec
+    steps = demo.manifest.data["steps"]
+    total = sum(float(e.get("seconds", 0.0)) for k, e in steps.items() if e.get("done") and k != "report")
+    cmd = "densekit demo --out " + str(opts.out) + (" --fast" if opts.fast else f" --minutes {opts.minutes:g}") + \
+        f" --objective {opts.objective} --backbone {opts.backbone}"
+    L: list[str] = []
+    L.append("# densekit demo report\n")
+    L.append(f"Made by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} ({platform.machine()}, "
+             f"{os.cpu_count()} CPU cores). Steps took {fmt_seconds(total)} in all (table at the end); "
+             "wall-clock figures depend on what else the machine was running.\n")
+    L.append("## J&F at a glance\n")
+    L.append(_md_table(
+        ["model", "J&F", "J", "F", "runs on", "fps"],
+        [[r["label"], f"{r['J&F']:.3f}", f"{r['J']:.3f}", f"{r['F']:.3f}", r["runs_on"], f"{r['fps']:.1f}"]
+         for r in rows],
+    ))
+    L.append(f"\n![J&F per model]({images['jf']})\n")
+    L.append(f"Semi-supervised DAVIS protocol (official J&F, first and last frames excluded) on the sample's "
+             f"held-out `val` split ({', '.join(sample['val'])}); masks propagate from the first frame with the "
+             f"{preset_text(opts.preset)}. Best of trained and pretrained: **{index['best']}**, used for the index and "
+             "the app. Random init is the trained architecture with the seed training started from; pixels is "
+             "normalised RGB at stride 8.\n")
+    L.append("## 1. Data\n")
+    L.append(f"`make_sample`: {spec.sequences} sequences x {spec.frames} frames at {spec.width}x{spec.height} "
+             f"(seed {opts.seed}) in `sample/`: train {', '.join(sample['train'])}; val {', '.join(sample['val'])}.\n")
+    L.append("## 2. Training\n")
+    budget = f"{opts.train_spec.steps} steps (--fast)" if opts.fast else f"{opts.minutes:g} min of wall clock"
+    why = "" if opts.objective != DEFAULT_OBJECTIVE else (
+        " (the default: the objective that learned most per unit of training time in the 2-minute run of "
+        "`benchmarks/train_quality.py`)")
+    L.append(f"`{opts.objective}`{why} on `{opts.backbone}`, budget {budget}: {train['steps']} steps of "
+             f"batch {train['batch_size']} at {train['crop']}x{train['crop']} on the train split, "
+             f"{train['samples_per_s']:.2f} samples/s, last logged loss "
+             + (f"{train['loss']:.4f}" if train.get("loss") is not None else "-")
+             + (f"; calibrated at {train['seconds_per_step']:.2f} s/step" if train.get("seconds_per_step") else "")
+             + ("; stopped early at 1.5x the budget" if train.get("stopped_early") else "")
+             + ". Run folder `train/` (config.yaml, state, backbone.safetensors, log.jsonl).\n")
+    if "loss" in images:
+        L.append(f"![training loss]({images['loss']})\n")
+    L.append("## 3. Export\n")
+    parity = "; ".join(f"{p['size'][0]}x{p['size'][1]} batch {p['batch']}: cosine {p['cosine']:.7f}, "
+                       f"max abs diff {p['max_abs']:.2g}" for p in export["parity"])
+    L.append(f"`{export['onnx']}` ({export['exporter']} exporter, opset {export['opset']}), ONNX Runtime against "
+             f"PyTorch on real photographs: {parity or 'not checked'}. TensorRT: {export['tensorrt']['status']}.\n")
+    if index.get("export"):
+        L.append(f"The pretrained model was exported for the index and the app too: `{index['export']['onnx']}`.\n")
+    L.append("## 4. Tracking, frame by frame\n")
+    L.append("Rows: ground truth, then each model; the first column is the given mask.\n")
+    for seq in sample["val"]:
+        L.append(f"**{seq}**\n\n![overlays {seq}]({images['overlays-' + seq]})\n")
+    L.append("Per sequence J&F:\n")
+    seqs = sample["val"]
+    L.append(_md_table(["model"] + seqs, [[r["label"]] + [
+        next((f"{(j + f) / 2:.3f}" for s, j, f in r["sequences"] if s == seq), "-") for seq in seqs] for r in rows]))
+    L.append("")
+    L.append("## 5. What the features see\n")
+    L.append("First three principal components of each model's dense features as RGB "
+             "(`densekit.serve.viz.pca_rgb`, as Figure 2 of Zhang and Maire 2020), first frame of each val sequence.\n")
+    L.append(f"![PCA of the features]({images['pca']})\n")
+    L.append("## 6. Segment search\n")
+    q = index["query"]
+    L.append(f"`SegmentIndex` in `{index['index']}` with `{index['onnx']}`: {index['images']} frames (every second "
+             f"frame of every sequence), {index['segments']} K-means segments. Query: a point "
+             f"(x={q['point'][0]}, y={q['point'][1]}) on object {q['object']} ({q['class']}) of the held-out frame "
+             f"`{q['frame']}`; {sum(h['same_class'] for h in index['hits'])} of {len(index['hits'])} hits show the same "
+             f"class (precision {index['precision']:.2f}).\n")
+    L.append(f"![search grid]({images['search']})\n")
+    L.append(_md_table(["rank", "score", "frame", "class"],
+                       [[str(h["rank"]), f"{h['score']:.3f}", h["frame"], h["class"]] for h in index["hits"]]))
+    L.append("")
+    L.append("## 7. Open the app\n")
+    L.append(f"```bash\n{parts['app_command']}\n```\n")
+    L.append("## Timings\n")
+    trows = []
+    for k in ("sample", "train", "export") + tuple(f"eval:{m}" for m, _ in demo.models()) + ("index",):
+        e = steps.get(k)
+        if e and e.get("done"):
+            trows.append([k, fmt_seconds(float(e["seconds"])),
+                          "this run" if k in demo.ran else "earlier run"])
+    L.append(_md_table(["step", "time", "when"], trows))
+    L.append("")
+    return "\n".join(L) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def app_command(out: Path, onnx: Path, index: Path) -> str:
+    """The shell command that opens the app on the demo's results."""
+    import shlex
+
+    return f"densekit app --model {shlex.quote(str(onnx))} --index {shlex.quote(str(index))}"
+
+
+def run_demo(opts: DemoOptions, log: Log = print) -> DemoResult:
+    """Run (or resume) the demo into ``opts.out``; see the module docstring.
+
+    Raises:
+        DensekitError: bad options or an unusable ``out`` (checked before anything is written), or a step
+            failing on bad input.
+    """
+    validate_options(opts)
+    t0 = time.perf_counter()
+    resuming = prepare_out(opts.out)
+    demo = _Demo(opts, log)
+    if opts.force:
+        log(f"densekit demo -> {opts.out} (--force: every step runs again)")
+    elif resuming:
+        log(f"densekit demo -> {opts.out}: it exists, resuming; steps already done are skipped (--force redoes them)")
+    else:
+        log(f"densekit demo -> {opts.out}")
+    demo.manifest.data["options"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
+    demo.manifest.save()
+
+    sample = demo.step_sample()
+    train = demo.step_train(sample)
+    export = demo.step_export()
+    rows = demo.step_eval(sample)
+    index = demo.step_index(sample, rows)
+    best = index["best"]
+    command = app_command(opts.out, opts.out / index["onnx"], opts.out / index["index"])
+    parts = {"sample": sample, "train": train, "export": export, "jf": rows, "index": index, "app_command": command}
+    report = demo.step_report(parts)
+    seconds = time.perf_counter() - t0
+
+    log("")
+    width = max(len(r["label"]) for r in rows)
+    log(f"{'model'.ljust(width)}    J&F      J      F")
+    for r in rows:
+        log(f"{r['label'].ljust(width)}  {r['J&F']:.3f}  {r['J']:.3f}  {r['F']:.3f}")
+    log("")
+    log(f"report: {opts.out / report['report']}   ({fmt_seconds(seconds)}; "
+        f"{len(demo.ran)} step(s) ran, {len(demo.skipped)} skipped)")
+    log("open the app on these results:")
+    log(f"  {command}")
+    return DemoResult(out=opts.out, report=opts.out / report["report"], app_command=command, jf=rows, best=best,
+                      seconds=seconds, ran=demo.ran, skipped=demo.skipped)
+
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "DEFAULT_OBJECTIVE",
+    "DemoOptions",
+    "DemoResult",
+    "app_command",
+    "build_index_and_search",
+    "pick_query",
+    "prepare_out",
+    "run_demo",
+    "tensorrt_unavailable",
+    "validate_options",
+]
