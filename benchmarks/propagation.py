@@ -95,7 +95,7 @@ def _worker(impl: str, data_path: str, out_path: str, preset_name: str, repeats:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="crw", choices=["crw", "dino"])
+    ap.add_argument("--preset", default="crw", choices=["crw", "dino", "live"])
     ap.add_argument("--height", type=int, default=60, help="feature grid height (480 / 8)")
     ap.add_argument("--width", type=int, default=107, help="feature grid width (854 / 8; DINO's 832 / 8 = 104)")
     ap.add_argument("--dim", type=int, default=256)

@@ -19,12 +19,15 @@ Two implementations share steps 3-4 and this module's tie rule:
   ``hw x (n_context * hw)`` affinity with the windows applied as masks. Memory grows with ``(h*w)^2`` per
   context frame (DINO's reference: ~1.25 GB per such tensor at 480p, stride 8, 8 contexts). Kept as the
   reference for tests and ``benchmarks/propagation.py``.
-* :func:`propagate_step` - the fast one. Windowed context frames are scored only over local windows: the
-  target grid is cut into ``tile x tile`` query tiles, and each tile is matched (one small GEMM) against
-  the ``(tile + 2r)^2`` band of the context frame around it; per context frame a top-k is taken and the
-  per-frame top-ks are merged into the joint top-k (exact: the top-k of a union is the top-k of the
-  union of per-part top-ks under one total order). Unwindowed frames (CRW's first frame) are scored
-  fully but in chunks of query rows, so memory stays bounded for any grid size.
+* :func:`propagate_step` - the fast one. Windowed context frames are scored only over local windows: one
+  batched GEMM per group of ``tile`` target columns scores, for every source row, the target rows whose
+  window holds it against that row's band of ``tile + 2r`` columns; each target position's exact
+  ``(2r+1)^2`` window is then a strided view of those products (:func:`_window_topk`). Per context frame
+  a top-k is taken and the per-frame top-ks are merged into the joint top-k (exact: the top-k of a
+  union is the top-k of the union of per-part top-ks under one total order). Unwindowed frames (CRW's
+  first frame) are scored fully but in chunks of query rows, so memory stays bounded for any grid size.
+  :class:`MaskPropagator` keeps every context frame in the channels-last layout this path reads, made
+  once when the frame enters the context.
 
 **Tie rule** (both implementations): candidates are ranked by score descending and, among equal scores,
 by their position in the concatenated candidate list ``[context 0 positions, context 1 positions, ...]``
@@ -52,6 +55,12 @@ Presets (:data:`PRESETS`, :func:`preset`):
   and argmax. Like videowalk's ``make_paths`` (which pads the
   video with ``videoLen`` copies of frame 0), the short-term queue starts filled with copies of the first
   frame (``pad_with_first``).
+* ``live`` (densekit's, for tracking as frames arrive on a CPU): ``dino`` with ``n_last=2`` and a shorter
+  side of 360, i.e. 3 context frames instead of 8 on a grid 1.8x smaller, so about 5x less propagation
+  work. Chosen on davis2016-mini with EfficientNet-Lite0 features at 360p (J&F-Mean, dino's own 0.750):
+  ``n_last`` 3 / 2 / 1 at radius 12 gave 0.742 / 0.736 / 0.727, while radius 10 / 8 / 6 cost far more
+  (n_last=2: 0.725 at radius 10; n_last=3: 0.729 at 10, 0.682 at 8, 0.643 at 6), so the window keeps
+  DINO's radius and the short-term queue is what shrinks.
 
 :class:`MaskPropagator` is the streaming API (``start`` / ``step`` / ``reset_mask`` / ``stream``) around a
 feature extractor (``densekit.serve.extractor.FeatureExtractor`` or anything with the same protocol).
@@ -109,8 +118,9 @@ class PropagationConfig:
         output: ``"dino"`` (bilinear x stride, ``norm_mask``, argmax, nearest to the original size) or
             ``"crw"`` (bilinear to the original size, argmax).
         pad_with_first: start the short-term queue filled with ``n_last`` copies of the first frame.
-        tile: query tile side of the fast window path (speed only; results do not depend on it).
-        chunk_elems: bound on the number of float32 scores held at once by the fast path (memory only).
+        tile: width of the target column groups of the fast window path (speed only; results do not
+            depend on it).
+        chunk_elems: about how many float32 scores the fast path holds at once (memory only).
     """
 
     n_last: int = 7
@@ -176,11 +186,15 @@ PRESETS: dict[str, PropagationConfig] = {
         output="crw",
         pad_with_first=True,
     ),
+    # Live tracking on a CPU: DINO's protocol with 2 short-term frames instead of 7 and 360p processing.
+    # The radius stays 12: on davis2016-mini it matters far more than the number of frames (see the
+    # module docstring and benchmarks/live_latency.py).
+    "live": PropagationConfig(n_last=2, short_side=360),
 }
 
 
 def preset(name: str, **overrides: Any) -> PropagationConfig:
-    """A preset config (``"dino"`` or ``"crw"``) with any field overridden, e.g. ``preset("crw", topk=5)``."""
+    """A preset config (``"dino"``, ``"crw"``, ``"live"``) with fields overridden, e.g. ``preset("crw", topk=5)``."""
     if name not in PRESETS:
         raise DensekitError(f"unknown propagation preset {name!r}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(PropagationConfig)}
@@ -388,11 +402,10 @@ def propagate_step(
     once - never an ``(h*w)^2`` tensor.
     """
     cfg = _as_config(config)
-    D, h, w, C = _check_step_inputs(target, ctx_feats, ctx_labels)
-    return _propagate_channels_last(
-        _channels_last(target), [_channels_last(f) for f in ctx_feats], [_channels_last(lab) for lab in ctx_labels],
-        h, w, cfg,
-    )
+    _, h, w, _ = _check_step_inputs(target, ctx_feats, ctx_labels)
+    feats = [_channels_last(f) for f in ctx_feats]
+    labels = [_channels_last(lab) for lab in ctx_labels]
+    return _propagate_channels_last(_channels_last(target), feats, labels, h, w, cfg)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -456,14 +469,17 @@ def _window_topk(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per windowed context frame, the top-k of every target position over its own window.
 
-    Scores are laid out per target position as its ``(2Ry+1) x (2Rx+1)`` window (cell ``(j, v)`` = source
-    offset ``(j - Ry, v - Rx)``), so the top-k scans exactly the window and nothing else. They are
-    computed one *source row* at a time: the target rows whose window contains that row (at most
-    ``2Ry+1``) times the row's band of ``tile + 2Rx`` columns around each ``tile``-wide column group, one
-    batched GEMM over the column groups that reads the source features in place (a strided view of the
-    horizontally padded frame), then one strided copy that shifts every target row's block to its
-    window offset. Source rows outside the image are never computed (they stay ``-inf``); window cells
-    left or right of the image, or outside a Euclidean window, are set to ``-inf``.
+    The target columns are cut into groups of ``t = config.tile``. For one column group and one source
+    row, the ``2Ry+1`` target rows whose window holds that row, times the row's ``t + 2Rx`` columns
+    around the group, is one small GEMM; a single batched GEMM per column group does it for every
+    source row (both operands are strided views read in place: the target rows padded with ``Ry``
+    zero rows above and below, the context frame padded with ``Rx`` zero columns). Each target
+    position's own ``(2Ry+1) x (2Rx+1)`` window is then a strided *view* of those products (cell
+    ``(j, v)`` = source offset ``(j - Ry, v - Rx)``), so the top-k scans exactly the window: no tile
+    band around it, and no masking inside the image for a square window. Source rows outside the image
+    are ``-inf`` and never computed; window cells left or right of the image, or outside a Euclidean
+    window, are set to ``-inf``. A handful of large operations per context frame (rather than one per
+    row) also keeps the threads of a shared CPU from waiting on each other.
 
     Args:
         query: (h, w, D) target features. contexts: (context index, (h*w, D) features) pairs.
@@ -481,11 +497,16 @@ def _window_topk(
     Tx = max(1, min(cfg.tile, w))
     ntx = -(-w // Tx)
     Wq, Nc = ntx * Tx, Tx + 2 * Rx
-    Wp = Wq + 2 * Rx
+    Wp, M, Hq = Wq + 2 * Rx, ny * Tx, h + 2 * Ry
     # Target columns padded to whole groups by edge replication (zero queries would tie with everything
     # and send their rows to the slow tie-breaking path; their results are cropped away anyway).
     q = query if Wq == w else torch.cat([query, query[:, -1:].expand(h, Wq - w, D)], 1)
-    qt = q.reshape(h, ntx, Tx, D).permute(1, 0, 2, 3).contiguous()  # (group, y, column in group, D)
+    qtp = torch.zeros(ntx, Hq, Tx, D)  # (group, Ry + y + Ry, column in group, D)
+    qtp[:, Ry : Ry + h] = q.view(h, ntx, Tx, D).permute(1, 0, 2, 3)
+    # Chunks of target rows: a chunk of n rows needs the products of n + 2Ry source rows.
+    rows_per_chunk = min(h, max(2 * ny, cfg.chunk_elems // (Wq * ny * Nc) - 2 * Ry))
+    prods = torch.empty(ntx, rows_per_chunk + 2 * Ry, M, Nc)  # (group, source row, (a, b), band column)
+    padded = torch.zeros(h, Wp, D)
 
     # Window geometry, the same for every context frame.
     dy, dx = torch.arange(ny) - Ry, torch.arange(nx) - Rx
@@ -493,19 +514,16 @@ def _window_topk(
     xq = torch.arange(Wq).view(ntx, Tx)
     src_x = xq[:, :, None] + dx  # (ntx, Tx, nx)
     blocked = ~(((src_x >= 0) & (src_x < w))[:, :, None, None, :] & pattern)  # (ntx, Tx, 1, ny, nx)
-    if bool(pattern.all()):
-        # Square window: only the column groups at the left and right borders have cells to block.
-        mask_groups = [g for g in range(ntx) if bool(blocked[g].any())]
-    else:
-        mask_groups = None
-    rows_per_chunk = max(1, min(h, cfg.chunk_elems // (Wq * cells)))
-    scores_buf = torch.empty(Wq * rows_per_chunk * cells)
-    tmp_buf = torch.empty(ntx * min(ny, rows_per_chunk) * Tx * Nc)
-    padded = torch.zeros(h, Wp, D)
-    jy = torch.arange(cells) // nx - Ry
-    jx = torch.arange(cells) % nx - Rx
+    # Square window: only the column groups at the left and right borders have cells to block (two runs
+    # of groups: [0, left) and [right, ntx)).
+    edge = blocked.flatten(1).any(1).tolist()
+    left = next((g for g, e in enumerate(edge) if not e), ntx)
+    right = max(left, ntx - next((g for g, e in enumerate(reversed(edge)) if not e), ntx))
+    square = bool(pattern.all())
+    jy, jx = torch.arange(cells) // nx - Ry, torch.arange(cells) % nx - Rx
 
     results = []
+    filled_for = -1  # the chunk whose out-of-image source rows hold -inf (products never overwrite them)
     for ci, feats in contexts:
         padded[:, Rx : Rx + w] = feats.view(h, w, D)
         vals_i = torch.empty(ntx, Tx, h, kb)
@@ -513,25 +531,32 @@ def _window_topk(
         for y0 in range(0, h, rows_per_chunk):
             y1 = min(h, y0 + rows_per_chunk)
             nr = y1 - y0
-            scores = scores_buf[: Wq * nr * cells].view(ntx, Tx, nr, ny, nx)
-            scores.fill_(_NEG_INF)
-            s0, s1, s2, s3, _ = scores.stride()
-            for ys in range(max(0, y0 - Ry), min(h, y1 + Ry)):
-                a0, a1 = max(y0, ys - Ry), min(y1 - 1, ys + Ry)
-                na = a1 - a0 + 1
-                tmp = tmp_buf[: ntx * na * Tx * Nc].view(ntx, na * Tx, Nc)
-                band = padded.as_strided((ntx, Nc, D), (Tx * D, D, 1), ys * Wp * D)
-                torch.bmm(qt[:, a0 : a1 + 1].reshape(ntx, na * Tx, D), band.transpose(1, 2), out=tmp)
-                # tmp[g, a*Tx + b, b + v] is target (a0 + a, g*Tx + b) against source (ys, g*Tx + b + v - Rx).
-                src = tmp.as_strided((ntx, Tx, na, nx), (na * Tx * Nc, Nc + 1, Tx * Nc, 1))
-                offset = scores.storage_offset() + (a0 - y0) * s2 + (ys - a0 + Ry) * s3
-                scores.as_strided((ntx, Tx, na, nx), (s0, s1, s2 - s3, 1), offset).copy_(src)
-            if mask_groups is None:
-                scores.masked_fill_(blocked, _NEG_INF)
+            p = prods[:, : nr + 2 * Ry]  # row r <-> source row y0 - Ry + r
+            s_lo, s_hi = max(0, y0 - Ry), min(h, y1 + Ry)
+            lo, hi = s_lo - (y0 - Ry), s_hi - (y0 - Ry)
+            if filled_for != y0:
+                p[:, :lo].fill_(_NEG_INF)  # source rows outside the image
+                p[:, hi:].fill_(_NEG_INF)
+                filled_for = y0
+            for g in range(ntx):
+                # Batch over source rows s: target rows s-Ry .. s+Ry of group g (padded rows s .. s+2Ry)
+                # against source row s, columns g*Tx - Rx .. g*Tx + Tx - 1 + Rx.
+                a = qtp.as_strided((hi - lo, M, D), (Tx * D, D, 1), (g * Hq + s_lo) * Tx * D)
+                band = padded.as_strided((hi - lo, Nc, D), (Wp * D, D, 1), s_lo * Wp * D + g * Tx * D)
+                torch.bmm(a, band.transpose(1, 2), out=p[g, lo:hi])
+            # Target (y0 + i, g*Tx + b), window cell (j, v): source row r = i + j of the chunk, target row
+            # a = 2Ry - j of that product, band column b + v.
+            sg, sr = p.stride(0), p.stride(1)
+            window = p.as_strided(
+                (ntx, Tx, nr, ny, nx), (sg, Nc + 1, sr, sr - Tx * Nc, 1), p.storage_offset() + 2 * Ry * Tx * Nc
+            )
+            if not square:
+                window.masked_fill_(blocked, _NEG_INF)
             else:
-                for g in mask_groups:
-                    scores[g].masked_fill_(blocked[g], _NEG_INF)
-            vals, j = _topk_ordered(scores.view(-1, cells), kb)
+                for g0, g1 in ((0, left), (right, ntx)):
+                    if g1 > g0:
+                        window[g0:g1].masked_fill_(blocked[g0:g1], _NEG_INF)
+            vals, j = _topk_ordered(window.reshape(-1, cells), kb)
             j = j.view(ntx, Tx, nr, kb)
             sy = torch.arange(y0, y1).view(1, 1, nr, 1) + jy[j]
             sx = xq.view(ntx, Tx, 1, 1) + jx[j]
@@ -544,6 +569,21 @@ def _window_topk(
 
 # ----------------------------------------------------------------------------------------------------
 # streaming API
+
+
+def _argmax_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(0)`` for a finite (C, H, W) tensor: (H, W) int64, the first maximal channel wins.
+
+    One elementwise pass per channel instead of torch's reduction over the strided channel axis, which
+    on the CPU takes tens of milliseconds for a 360p frame (the whole propagation step of a live preset
+    takes about as long).
+    """
+    best = x[0].clone()
+    label = torch.zeros(x.shape[1:], dtype=torch.long)
+    for c in range(1, x.shape[0]):
+        label.masked_fill_(x[c] > best, c)  # strictly greater: ties keep the earlier channel
+        torch.maximum(best, x[c], out=best)
+    return label
 
 
 class _Meta(Protocol):
@@ -611,6 +651,9 @@ class MaskPropagator:
         self._frame_size: tuple[int, int] | None = None
         self._proc_size: tuple[int, int] = (0, 0)
         self._ids = np.zeros(1, np.uint8)
+        self._grid: tuple[int, int, int] = (0, 0, 0)  # (D, h, w) of the feature maps
+        # Context frames as (features (h*w, D), soft labels (h*w, C)), channels-last: laid out once when
+        # a frame enters the context and reused by every step it stays there.
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
         self._queue: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=max(self.config.n_last, 0) or None)
         self.last_soft: torch.Tensor | None = None  # (C, h, w) soft labels of the latest step
@@ -668,11 +711,12 @@ class MaskPropagator:
                     peak = ch.max()
                     if peak > 0:
                         ch /= peak
-            label = up.argmax(0)
-            label = F.interpolate(label[None, None].float(), size=(H, W), mode="nearest-exact")[0, 0].long()
+            label = _argmax_channels(up)
+            if tuple(up.shape[1:]) != (H, W):
+                label = F.interpolate(label[None, None].float(), size=(H, W), mode="nearest-exact")[0, 0].long()
         else:
             up = F.interpolate(soft[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-            label = up.argmax(0)
+            label = _argmax_channels(up)
         return self._ids[label.numpy()]
 
     # -- public API --------------------------------------------------------------------------------
@@ -697,10 +741,11 @@ class MaskPropagator:
         self._proc_size = processing_size(frame.shape[0], frame.shape[1], self.config, self._multiple)
         feats = self._features(frame)
         labels = self._labels_from_mask(mask, (feats.shape[1], feats.shape[2]))
-        self._first = (feats, labels)
+        self._grid = tuple(feats.shape)  # type: ignore[assignment]
+        self._first = (_channels_last(feats), _channels_last(labels))
         self._queue.clear()
         if self.config.pad_with_first:
-            self._queue.extend([(feats, labels)] * self.config.n_last)
+            self._queue.extend([self._first] * self.config.n_last)
         self.last_soft = labels
         return mask.copy()
 
@@ -718,12 +763,14 @@ class MaskPropagator:
             H, W = self._frame_size  # type: ignore[misc]
             raise DensekitError(f"frame size {frame.shape[0]}x{frame.shape[1]} differs from the video's {H}x{W}")
         feats = self._features(frame)
-        if feats.shape != self._first[0].shape:
-            raise DensekitError(f"feature shape changed from {tuple(self._first[0].shape)} to {tuple(feats.shape)}")
+        if tuple(feats.shape) != self._grid:
+            raise DensekitError(f"feature shape changed from {self._grid} to {tuple(feats.shape)}")
+        _, h, w = self._grid
+        query = _channels_last(feats)
         ctx = [self._first, *self._queue]
-        soft = propagate_step(feats, [c[0] for c in ctx], [c[1] for c in ctx], self.config)
+        soft = _propagate_channels_last(query, [c[0] for c in ctx], [c[1] for c in ctx], h, w, self.config)
         if self.config.n_last > 0:
-            self._queue.append((feats, soft))
+            self._queue.append((query, _channels_last(soft)))
         self.last_soft = soft
         return self._to_mask(soft)
 

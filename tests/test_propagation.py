@@ -19,6 +19,7 @@ from densekit.retrieval.propagation import (
     PRESETS,
     MaskPropagator,
     PropagationConfig,
+    _argmax_channels,
     preset,
     processing_size,
     propagate_step,
@@ -113,6 +114,17 @@ def test_presets_match_the_references() -> None:
     assert PRESETS["crw"].topk == 10  # presets are not mutated
 
 
+def test_live_preset_is_dino_with_less_context_and_a_smaller_frame() -> None:
+    dino, live = PRESETS["dino"], PRESETS["live"]
+    # Same protocol as DINO; only the amount of work differs (what it costs in J&F is measured in
+    # benchmarks/live_latency.py, not asserted here).
+    for field in ("temperature", "window", "window_first", "resize", "long_multiple", "mask_downsample", "output"):
+        assert getattr(live, field) == getattr(dino, field), field
+    assert live.n_last < dino.n_last and live.topk <= dino.topk
+    assert live.radius is not None and live.radius <= dino.radius
+    assert live.short_side < dino.short_side
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -144,15 +156,16 @@ def test_processing_size_follows_dino_and_native_rules() -> None:
 # window path == all-pairs path
 
 
-@pytest.mark.parametrize("name", ["dino", "crw"])
+@pytest.mark.parametrize("name", ["dino", "crw", "live"])
 @pytest.mark.parametrize(
     "h,w,radius,tile",
     [
         (9, 13, 12, 8),  # radius larger than the grid
-        (17, 11, 3, 4),  # radius much smaller than the grid, grid not a multiple of the tile
+        (17, 11, 3, 4),  # radius much smaller than the grid, width not a multiple of the column group
         (20, 31, 5.5, 8),  # fractional radius
         (1, 9, 2, 3),  # a single row
         (14, 14, None, 8),  # no spatial restriction at all
+        (12, 5, 2, 16),  # column group wider than the grid
     ],
 )
 def test_window_path_equals_all_pairs(name: str, h: int, w: int, radius, tile: int) -> None:
@@ -164,6 +177,19 @@ def test_window_path_equals_all_pairs(name: str, h: int, w: int, radius, tile: i
     assert torch.equal(fast.argmax(0), dense.argmax(0))
     torch.testing.assert_close(fast, dense, atol=1e-6, rtol=0)
     torch.testing.assert_close(fast.sum(0), torch.ones(h, w), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dino", "crw"])
+def test_window_path_in_row_chunks_equals_all_pairs(name: str) -> None:
+    # A tiny chunk_elems forces several chunks of target rows (each needing source rows beyond its
+    # own); the result must not depend on where the chunks are cut.
+    h, w = 37, 19
+    target, feats, labels = _random_step(h, w, n_ctx=3, seed=5)
+    dense = propagate_step_dense(target, feats, labels, preset(name, n_last=2, radius=3))
+    for chunk_elems in (1, 36_400):  # chunks of 14 and of 20 target rows
+        fast = propagate_step(target, feats, labels, preset(name, n_last=2, radius=3, tile=4, chunk_elems=chunk_elems))
+        torch.testing.assert_close(fast, dense, atol=1e-6, rtol=0)
+        assert torch.equal(fast.argmax(0), dense.argmax(0))
 
 
 @pytest.mark.parametrize("name", ["dino", "crw"])
@@ -357,6 +383,37 @@ def test_start_step_equals_stream_and_reset_mask_adds_objects() -> None:
     nxt = prop.step(frames[4])
     assert _jaccard(nxt == 1, gts[4] == 1) > 0.8
     assert _jaccard(nxt[36:44, 4:14] == 7, np.ones((8, 10), bool)) > 0.8
+
+
+def test_argmax_channels_is_torch_argmax_with_first_maximum_winning() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, 9, generator=gen)
+    x[3, :4] = x[1, :4]  # ties between channels 1 and 3: the earlier channel wins, as in torch.argmax
+    x[:, 5] = 0.25  # every channel tied
+    got = _argmax_channels(x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(0))
+    assert torch.equal(_argmax_channels(x[:1]), torch.zeros(7, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["dino", "crw"])
+def test_propagator_contexts_are_the_ones_propagate_step_would_see(name: str) -> None:
+    # MaskPropagator keeps its context frames in a prepared layout; the soft labels it produces must be
+    # those of propagate_step called on the plain (D, h, w) features and soft labels, frame after frame.
+    frames, gts = _square_video(n=7)
+    cfg = preset(name, resize="native", n_last=3)
+    ext = PixelExtractor(stride=4)
+    prop = MaskPropagator(ext, cfg)
+    prop.start(frames[0], gts[0])
+    feats0 = F.normalize(torch.from_numpy(ext(frames[0], size=frames[0].shape[:2])), dim=0)
+    first = (feats0, prop.last_soft.clone())
+    queue: list[tuple[torch.Tensor, torch.Tensor]] = [first] * cfg.n_last if cfg.pad_with_first else []
+    for frame in frames[1:]:
+        prop.step(frame)
+        feats = F.normalize(torch.from_numpy(ext(frame, size=frame.shape[:2])), dim=0)
+        ctx = [first, *queue]
+        expected = propagate_step(feats, [c[0] for c in ctx], [c[1] for c in ctx], cfg)
+        assert torch.equal(prop.last_soft, expected)
+        queue = (queue + [(feats, expected)])[-cfg.n_last :]
 
 
 def test_streaming_input_errors() -> None:
