@@ -1322,6 +1322,25 @@ def _threshold(value: Any) -> Optional[float]:
     return t if t > 0 else None
 
 
+
+_WEBCAM_PROBE_JS = """
+async () => {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    return "This browser gives the page no camera (a secure context, https or localhost, is needed).";
+  }
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({video: true});
+    stream.getTracks().forEach((t) => t.stop());
+    return "Camera ready: start the webcam, capture a frame, click the objects on it, then start tracking.";
+  } catch (err) {
+    if (err && (err.name === "NotAllowedError" || err.name === "SecurityError")) {
+      return "Webcam access was denied: allow the camera for this site in the browser's settings and reload.";
+    }
+    return "No webcam available (" + (err && err.name ? err.name : "unknown error") + "): connect one and reload.";
+  }
+}
+"""
+
 def build_app(
     model: Any = DEFAULT_MODEL,
     index: Optional[Any] = None,
@@ -1486,7 +1505,7 @@ def build_app(
                 click_btn = gr.Button(visible=False, elem_id="click-btn")
 
             # ---------------------------------------------------------------------------------- Webcam
-            with gr.Tab("Webcam", elem_id="tab-webcam"):
+            with gr.Tab("Webcam", elem_id="tab-webcam") as webcam_tab:
                 webcam_status = gr.Markdown(
                     "Start the webcam (the browser asks for permission; if it is denied, allow the camera in the "
                     "site settings and reload), capture a frame, click the objects on it, then start tracking.",
@@ -1494,9 +1513,16 @@ def build_app(
                 )
                 with gr.Row():
                     webcam_in = gr.Image(
-                        sources=["webcam"], streaming=True, type="numpy", label="Webcam", elem_id="webcam-input"
+                        sources=["webcam"], streaming=True, type="numpy", label="Webcam", elem_id="webcam-input",
+                        # Gradio asks for 1920x1440 by default; the model runs at <= 480p anyway.
+                        webcam_options=gr.WebcamOptions(
+                            constraints={"video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}
+                        ),
                     )
                     webcam_out = gr.Image(label="Tracked", interactive=False, format="jpeg", elem_id="webcam-output")
+                # Gradio 6 swallows a denied camera permission and the page stays silent: ask once
+                # ourselves when the tab opens and say what happened.
+                webcam_tab.select(None, None, [webcam_status], js=_WEBCAM_PROBE_JS)
                 webcam_latency = gr.Markdown("", elem_id="webcam-latency")
                 with gr.Row():
                     with gr.Column(scale=3):
