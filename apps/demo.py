@@ -27,13 +27,14 @@ redoes everything. Every file is written atomically (:mod:`densekit.serve.atomic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from densekit.serve.errors import DensekitError
 Log = Callable[[str], None]
 
 MANIFEST = "demo.json"
+LOCK = "demo.lock"
 GENERATOR = "densekit.apps.demo"
 FORMAT = 1
 STEPS = ("sample", "train", "export", "eval", "index", "report")
@@ -178,7 +180,7 @@ def prepare_out(out: Path) -> bool:
     if out.exists() and not out.is_dir():
         raise DensekitError(f"--out {out} exists and is not a folder")
     resuming = (out / MANIFEST).is_file()
-    if out.is_dir() and not resuming and any(out.iterdir()):
+    if out.is_dir() and not resuming and any(p.name != LOCK for p in out.iterdir()):
         raise DensekitError(f"--out {out} is not empty and holds no densekit demo ({MANIFEST}); choose an empty or new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1072,6 +1074,30 @@ def run_demo(opts: DemoOptions, log: Log = print) -> DemoResult:
     validate_options(opts)
     t0 = time.perf_counter()
     resuming = prepare_out(opts.out)
+    with _exclusive(opts.out):
+        return _run(opts, log, resuming, t0)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``OUT/demo.lock`` so that two demos never write one folder at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / LOCK, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DensekitError(f"another densekit demo is running on {out}; wait for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _run(opts: DemoOptions, log: Log, resuming: bool, t0: float) -> DemoResult:
     demo = _Demo(opts, log)
     if opts.force:
         log(f"densekit demo -> {opts.out} (--force: every step runs again)")

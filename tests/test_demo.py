@@ -172,6 +172,19 @@ def test_resuming_skips_done_steps_and_redoes_missing_ones(demo: tuple[Path, str
     assert again["train"]["finished"] == before["train"]["finished"]
 
 
+def test_a_second_demo_on_the_same_folder_is_refused(demo: tuple[Path, str]) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    out, _ = demo
+    with open(out / "demo.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # as a running demo holds it
+        try:
+            rc, _, stderr = run_cli(["demo", "--out", str(out), "--fast"])
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    assert rc == 2
+    assert stderr.strip().startswith("error: another densekit demo is running") and len(stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "case",
     ["out_is_a_file", "out_under_a_file", "minutes_zero", "minutes_negative", "foreign_folder", "unknown_objective"],
