@@ -26,8 +26,9 @@ k-means and one assignment of the base vectors to lists (``faiss.contrib.ivf_too
 and the time of both is added to every IVF row; ``X,RFlat`` wraps X's populated index
 (``IndexRefineFlat(base, xb)``), so its time is X's plus the copy. B/vec =
 ``len(faiss.serialize_index(index)) / n``. QPS = queries / best wall time of one batched ``search`` of
-all queries (best of 3 runs, or fewer if they take over 2 s, and of ``--min-time`` s), with ``faiss.omp_set_num_threads(--threads)``.
-recall@10 = |approximate top-10 ∩ exact top-10| / 10, averaged over queries; exact = ``IndexFlatIP``
+all queries (best of 3 runs, or fewer if they take over 2 s, and of ``--min-time`` s), with
+``faiss.omp_set_num_threads(--threads)``. recall@10 = |approximate top-10 ∩ exact top-10| / 10,
+averaged over queries; exact = ``IndexFlatIP``
 (the Flat row). ``x exact`` = QPS / exact QPS, where exact search is timed first and again at the end
 of the table and the faster of the two is used (a long run on a shared machine sees the load drift;
 the ``load`` column is the 1-minute load average when each row was timed).
@@ -43,9 +44,9 @@ the 256 x 256 vectors an 8-bit PQ trains on); PQ with dim / 4 bytes (8 bits each
 with the default efConstruction (40). The 8-bit PQ factory's polysemous training is turned off, as
 SegmentIndex does (it serves Hamming filtering we do not use and costs minutes).
 
-Run:  python benchmarks/retrieval.py                  (1M synthetic: ~8 CPU-minutes, 21 min wall on 2
-                                                       cores shared with other jobs; 3 GB peak RAM)
-      python benchmarks/retrieval.py --n 20000        (a quick look: ~1 CPU-minute)
+Run:  python benchmarks/retrieval.py                  (~8.5 CPU-minutes; 22 min wall on 2 cores shared
+                                                       with other jobs, mostly the HNSW build; 3 GB RAM)
+      python benchmarks/retrieval.py --n 20000        (a quick look: ~70 CPU-seconds)
       python benchmarks/retrieval.py --skip-real --json out.json
 """
 
@@ -94,6 +95,7 @@ class Mixture:
 
 
 def make_mixture(dim: int, clusters: int, subspace: int, spread: float, noise: float, seed: int) -> Mixture:
+    """Seeded mixture: random unit centres, random orthonormal ``subspace``-dim bases, Dirichlet(2) weights."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -417,7 +419,8 @@ def print_table(title: str, rows: list[Row], extra: dict[str, Any], threads: int
     if "cos_nn1" in extra:
         print(f"  difficulty: mean cosine to 1st / 10th true neighbour {extra['cos_nn1']:.3f} / "
               f"{extra['cos_nn10']:.3f}, to a random base vector {extra['cos_random']:.3f}")
-    hdr = f"  {'index':<26}{'params':<24}{'build s':>9}{'B/vec':>8}{'QPS':>11}{'x exact':>9}{'R@10':>7}{'load':>6}  target"
+    hdr = (f"  {'index':<26}{'params':<24}{'build s':>9}{'B/vec':>8}{'QPS':>11}{'x exact':>9}{'R@10':>7}"
+           f"{'load':>6}  target")
     print(hdr)
     print("  " + "-" * (len(hdr) - 2))
     for r in rows:
@@ -637,7 +640,8 @@ def print_ingest(ing: dict[str, Any], model: str, threads: int) -> None:
     line("    SQLite COMMIT (synchronous=FULL), old file unlink, rest", st["commit.sqlite_commit"])
     wall, cpu = ing["overhead_pct"]
     ok = cpu <= 20
-    print(f"  overhead of segmenting + describing + adding over extraction (same run): {cpu:.1f}% CPU, {wall:.1f}% wall "
+    print(f"  overhead of segmenting + describing + adding over extraction (same run): {cpu:.1f}% CPU, "
+          f"{wall:.1f}% wall "
           f"(K-means + descriptors alone: {ing['segment_describe_pct'][1]:.1f}% CPU)")
     if ing["overhead_vs_extract_alone_pct"]:
         print(f"  against the separate extraction pass: {ing['overhead_vs_extract_alone_pct'][1]:.1f}% CPU, "
@@ -684,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": load0,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    _progress(f"faiss {faiss.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+    _progress(f"faiss {faiss.__version__}, {args.threads} threads, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
               f"load average {load0[0]:.1f} on {os.cpu_count()} CPUs")
     if not args.skip_synthetic:
         _progress(f"synthetic: {args.n:,} base + {args.queries:,} query vectors, D={args.dim}")
