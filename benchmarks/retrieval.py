@@ -634,7 +634,7 @@ def print_ingest(ing: dict[str, Any], model: str, threads: int) -> None:
     line("  features (resize + forward)", st["features"])
     line("  K-means segments + descriptors", st["kmeans_and_descriptors"])
     line("  commit", st["commit"])
-    line("    SQLite rows (full-size mask upsample, box, RLE, INSERT)", st["commit.sqlite_rows"])
+    line("    SQLite rows (box, area, RLE mask, INSERT)", st["commit.sqlite_rows"])
     line("    FAISS add", st["commit.faiss_add"])
     line("    FAISS index file write (atomic)", st["commit.faiss_write"])
     line("    SQLite COMMIT (synchronous=FULL), old file unlink, rest", st["commit.sqlite_commit"])

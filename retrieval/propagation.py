@@ -292,24 +292,31 @@ def _aggregate(
     valid = valid.gather(-1, order)
     out = torch.empty(queries.shape[0], labels_flat.shape[1], dtype=torch.float32)
     hw, D = ctx_rows[0].shape
+    # Fewer context frames than kept candidates (live presets): copying the frames into one matrix is
+    # cheaper than sorting the candidates by frame and putting the gathered rows back in order. Both
+    # give the same rows, hence the same result.
+    all_rows = torch.cat(list(ctx_rows), 0) if len(ctx_rows) <= gidx.shape[1] else None
     # Small chunks keep every temporary far below glibc's mmap threshold, so memory is reused rather
     # than page-faulted in afresh on each call.
     step = 1024
     for s in range(0, queries.shape[0], step):
         g, ok = gidx[s : s + step], valid[s : s + step]
         q = queries[s : s + step].double()
-        # Gather candidate features context by context (entries grouped by context with one sort).
         flat = g.reshape(-1)
-        ctx_sorted, order = torch.sort(torch.div(flat, hw, rounding_mode="floor"), stable=True)
-        pos_sorted = flat[order] - ctx_sorted * hw
-        counts = torch.bincount(ctx_sorted, minlength=len(ctx_rows)).tolist()
-        f_sorted = torch.empty(flat.shape[0], D)
-        start = 0
-        for rows, n in zip(ctx_rows, counts):
-            if n:
-                torch.index_select(rows, 0, pos_sorted[start : start + n], out=f_sorted[start : start + n])
-                start += n
-        f = torch.empty_like(f_sorted).index_copy_(0, order, f_sorted).view(g.shape[0], g.shape[1], D)
+        if all_rows is not None:
+            f = all_rows.index_select(0, flat).view(g.shape[0], g.shape[1], D)
+        else:
+            # Gather candidate features context by context (entries grouped by context with one sort).
+            ctx_sorted, order = torch.sort(torch.div(flat, hw, rounding_mode="floor"), stable=True)
+            pos_sorted = flat[order] - ctx_sorted * hw
+            counts = torch.bincount(ctx_sorted, minlength=len(ctx_rows)).tolist()
+            f_sorted = torch.empty(flat.shape[0], D)
+            start = 0
+            for rows, n in zip(ctx_rows, counts):
+                if n:
+                    torch.index_select(rows, 0, pos_sorted[start : start + n], out=f_sorted[start : start + n])
+                    start += n
+            f = torch.empty_like(f_sorted).index_copy_(0, order, f_sorted).view(g.shape[0], g.shape[1], D)
         score = torch.bmm(f.double(), q[:, :, None])[..., 0]  # (q, k)
         score = score.masked_fill(~ok, _NEG_INF)
         top = score.max(-1, keepdim=True).values

@@ -268,6 +268,28 @@ def test_out_of_image_window_cells_are_excluded_not_zero_scored(impl) -> None:
     torch.testing.assert_close(out, torch.full((2, 1, 2), 0.5), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("n_ctx,k", [(2, 3), (4, 2)])  # fewer frames than candidates, and more
+def test_aggregate_is_a_softmax_weighted_label_average(n_ctx: int, k: int) -> None:
+    from densekit.retrieval.propagation import _aggregate
+
+    gen = torch.Generator().manual_seed(n_ctx)
+    hw, D, C, Q = 6, 4, 3, 5
+    rows = [F.normalize(torch.randn(hw, D, generator=gen), dim=1) for _ in range(n_ctx)]
+    labels = torch.softmax(torch.randn(n_ctx * hw, C, generator=gen), 1)
+    queries = F.normalize(torch.randn(Q, D, generator=gen), dim=1)
+    gidx = torch.stack([torch.randperm(n_ctx * hw, generator=gen)[:k] for _ in range(Q)])
+    vals = torch.zeros(Q, k)
+    vals[0, -1] = float("-inf")  # an excluded candidate gets no weight
+    out = _aggregate(queries, vals, gidx, rows, labels, 0.2)
+    feats = torch.cat(rows).double()
+    for qi in range(Q):
+        keep = [j for j in range(k) if torch.isfinite(vals[qi, j])]
+        score = torch.stack([feats[gidx[qi, j]] @ queries[qi].double() for j in keep])
+        weight = torch.softmax(score / 0.2, 0)
+        expected = sum(wt * labels[gidx[qi, j]].double() for wt, j in zip(weight, keep))
+        torch.testing.assert_close(out[qi].double(), expected, atol=1e-6, rtol=0)
+
+
 def test_step_input_errors() -> None:
     target, feats, labels = _random_step(4, 5, n_ctx=2)
     with pytest.raises(DensekitError):
