@@ -135,6 +135,11 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3  # the provider fallback is reported through .provider, not logs
         if threads:
             options.intra_op_num_threads = int(threads)
+        # ORT's pool threads busy-wait after each run by default. Frames here alternate with torch work
+        # (propagation, k-means) that then runs on cores still spinning: live tracking at 360p measured
+        # 158 -> 113 ms for the window search with spinning off, while back-to-back runs alone were within
+        # 5 % either way (benchmarks/live_latency.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.requested)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf classes

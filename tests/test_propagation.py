@@ -123,6 +123,7 @@ def test_live_preset_is_dino_with_less_context_and_a_smaller_frame() -> None:
     assert live.n_last < dino.n_last and live.topk <= dino.topk
     assert live.radius is not None and live.radius <= dino.radius
     assert live.short_side < dino.short_side
+    assert dino.pca_dim is None and live.pca_dim == 64
 
 
 @pytest.mark.parametrize(
@@ -134,6 +135,8 @@ def test_live_preset_is_dino_with_less_context_and_a_smaller_frame() -> None:
         lambda: PropagationConfig(temperature=0),
         lambda: PropagationConfig(window="round"),
         lambda: PropagationConfig(n_last=-1),
+        lambda: PropagationConfig(pca_dim=0),
+        lambda: PropagationConfig(pca_dim=8.0),
     ],
 )
 def test_bad_config_is_a_densekit_error(call) -> None:
@@ -177,6 +180,34 @@ def test_window_path_equals_all_pairs(name: str, h: int, w: int, radius, tile: i
     assert torch.equal(fast.argmax(0), dense.argmax(0))
     torch.testing.assert_close(fast, dense, atol=1e-6, rtol=0)
     torch.testing.assert_close(fast.sum(0), torch.ones(h, w), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dino", "crw"])
+def test_window_path_equals_all_pairs_with_pca(name: str) -> None:
+    cfg = preset(name, n_last=3, radius=4, tile=4, pca_dim=6)
+    target, feats, labels = _random_step(11, 14, n_ctx=4, dim=24, seed=3)
+    fast = propagate_step(target, feats, labels, cfg)
+    torch.testing.assert_close(fast, propagate_step_dense(target, feats, labels, cfg), atol=1e-6, rtol=0)
+    # 6 of 24 random directions lose most of the scores' information: the result must differ.
+    assert not torch.allclose(fast, propagate_step(target, feats, labels, preset(name, n_last=3, radius=4)), atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", [propagate_step, propagate_step_dense])
+def test_pca_keeps_features_that_span_few_directions(impl) -> None:
+    # Features living in a 5-dimensional subspace of R^32: 5 principal directions hold all of them, so
+    # every cosine - and the result - is kept; 2 directions are not enough.
+    gen = torch.Generator().manual_seed(11)
+    embed = torch.linalg.qr(torch.randn(32, 5, generator=gen))[0]  # orthonormal columns
+    lift = lambda f: torch.einsum("Dd,dhw->Dhw", embed, f)  # noqa: E731
+    target, feats, labels = _random_step(9, 10, n_ctx=3, dim=5, seed=5)
+    target, feats = lift(target), [lift(f) for f in feats]
+    plain = impl(target, feats, labels, preset("dino", n_last=2, radius=3))
+    torch.testing.assert_close(impl(target, feats, labels, preset("dino", n_last=2, radius=3, pca_dim=5)), plain,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(impl(target, feats, labels, preset("dino", n_last=2, radius=3, pca_dim=40)), plain,
+                               atol=0, rtol=0)  # >= D: not projected at all
+    assert not torch.allclose(impl(target, feats, labels, preset("dino", n_last=2, radius=3, pca_dim=2)), plain,
+                              atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["dino", "crw"])
@@ -417,12 +448,13 @@ def test_argmax_channels_is_torch_argmax_with_first_maximum_winning() -> None:
     assert torch.equal(_argmax_channels(x[:1]), torch.zeros(7, 9, dtype=torch.long))
 
 
+@pytest.mark.parametrize("pca_dim", [None, 3])
 @pytest.mark.parametrize("name", ["dino", "crw"])
-def test_propagator_contexts_are_the_ones_propagate_step_would_see(name: str) -> None:
+def test_propagator_contexts_are_the_ones_propagate_step_would_see(name: str, pca_dim) -> None:
     # MaskPropagator keeps its context frames in a prepared layout; the soft labels it produces must be
     # those of propagate_step called on the plain (D, h, w) features and soft labels, frame after frame.
     frames, gts = _square_video(n=7)
-    cfg = preset(name, resize="native", n_last=3)
+    cfg = preset(name, resize="native", n_last=3, pca_dim=pca_dim)  # pixel features: D = 4
     ext = PixelExtractor(stride=4)
     prop = MaskPropagator(ext, cfg)
     prop.start(frames[0], gts[0])
