@@ -38,10 +38,21 @@ def export_onnx_command(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip the ONNX Runtime vs PyTorch parity check.")
     ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="int8 graph for ONNX Runtime's CPU provider, calibrated on --calib images.")
+    ] = False,
+    calib: Annotated[
+        Optional[Path], typer.Option("--calib", help="Folder of calibration images for --int8 (a few dozen suffice).")
+    ] = None,
 ) -> None:
     """Export to ONNX with the model contract in metadata_props; check it against PyTorch on real photos."""
     from densekit.export.onnx import export_onnx, parse_hw
+    from densekit.serve.errors import DensekitError
 
+    if int8 and calib is None:
+        raise DensekitError("--int8 needs --calib DIR (a folder of representative images)")
+    if calib is not None and not int8:
+        raise DensekitError("--calib is only used with --int8")
     report = export_onnx(
         model,
         out,
@@ -51,6 +62,7 @@ def export_onnx_command(
         simplify=simplify,
         exporter=exporter,
         verify=not no_verify,
+        int8_calib=calib if int8 else None,
         log=typer.echo,
     )
     extras = [f"opset {report.opset}", f"{report.exporter} exporter"]
@@ -58,6 +70,8 @@ def export_onnx_command(
         extras.append(f"simplified by {report.simplified_by}")
     if report.half:
         extras.append("fp16")
+    if report.int8:
+        extras.append("int8 for the CPU")
     shape = "static " + "x".join(map(str, report.static)) if report.static else "dynamic batch/height/width"
     typer.echo(f"wrote {out} ({', '.join(extras)}, {shape}) in {report.seconds:.1f}s")
 

@@ -61,8 +61,8 @@ Presets (:data:`PRESETS`, :func:`preset`):
   ``n_last`` 3 / 2 / 1 at radius 12 gave 0.742 / 0.736 / 0.727, while radius 10 / 8 / 6 cost far more
   (n_last=2: 0.725 at radius 10; n_last=3: 0.729 at 10, 0.682 at 8, 0.643 at 6), so the window keeps
   DINO's radius and the short-term queue is what shrinks. It also scores in the 64 leading principal
-  directions of the reference frame's features (``pca_dim=64``): a no-op for EfficientNet-Lite0's 80
-  channels in cost, 4x fewer multiply-adds in the window search for ResNet-18's 256 (360p: 168 -> 66 ms
+  directions of the reference frame's features (``pca_dim=64``): little saving for EfficientNet-Lite0's
+  80 channels, 4x fewer multiply-adds in the window search for ResNet-18's 256 (360p: 168 -> 66 ms
   per frame on 2 cores), and no loss on davis2016-mini with EfficientNet-Lite0 - J&F-Mean 0.736 -> 0.740
   (live, 360p), 0.778 -> 0.781 (dino, 480p), 0.818 -> 0.818 (crw, 480p); 32 directions moved it by
   +0.026 / +0.001 / -0.014, too unsteady to choose.

@@ -129,3 +129,51 @@ def test_checkpoint_export_carries_its_weights_and_meta(tmp_path: Path) -> None:
     got, want = FeatureExtractor(out)(img), FeatureExtractor(model)(img)
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert np.abs(FeatureExtractor("resnet18")(img) - got).max() > 0.1  # seed 3's weights, not seed 0's
+
+
+def test_int8_export_for_the_cpu(tmp_path: Path, r18) -> None:
+    from PIL import Image
+    from skimage import data
+
+    from densekit.serve.extractor import FeatureExtractor
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for name in ("astronaut", "coffee", "rocket"):
+        Image.fromarray(getattr(data, name)()).save(calib / f"{name}.png")
+    out = tmp_path / "r18-int8.onnx"
+    logs: list[str] = []
+    report = export_onnx("resnet18", out, int8_calib=calib, log=logs.append)
+    model = onnx.load(str(out))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    props = {p.key: p.value for p in model.metadata_props}
+    assert ModelMeta.from_json(props["densekit"]) == build_backbone("resnet18").meta
+    info = json.loads(props["densekit_export"])["int8"]
+    assert info["calibration_images"] == 3 and info["calibration_size"] == [360, 640]
+    # The report's parity rows are the int8 graph's (printed with an "int8" label), within tolerance.
+    assert report.int8 and len(report.parity) == 2 and all(0.98 <= r.cosine < 0.99999 for r in report.parity)
+    assert sum(line.startswith("int8 parity") for line in logs) == 2
+    # Served like any ONNX file: same contract, features close to the float32 graph's.
+    photo = data.chelsea()
+    f32, i8 = FeatureExtractor(r18[0])(photo), FeatureExtractor(out)(photo)
+    assert f32.shape == i8.shape
+    assert float((f32 * i8).sum(0).mean()) > 0.97  # both L2-normalised per location
+
+
+def test_int8_bad_inputs_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x.onnx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ["export", "onnx", "pixels", "--out", str(out), "--int8"],  # no --calib
+        ["export", "onnx", "pixels", "--out", str(out), "--calib", str(empty)],  # --calib without --int8
+        ["export", "onnx", "pixels", "--out", str(out), "--int8", "--calib", str(empty)],  # no images
+        ["export", "onnx", "pixels", "--out", str(out), "--int8", "--calib", str(tmp_path / "nope")],
+        ["export", "onnx", "resnet18", "--out", str(out), "--int8", "--half", "--calib", str(empty)],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+    assert not out.exists()
