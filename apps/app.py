@@ -98,16 +98,10 @@ DEFAULT_SAMPLES_DIR = Path.home() / ".cache" / "densekit" / "app-samples"
 DISPLAY_MAX_SIDE = 960  # frames shown in the page are at most this wide/high (clicks are mapped back)
 WORK_MAX_SIDE = 640  # superpixels for click selection are computed at most at this size
 MAX_OBJECT_ID = 254  # 255 is DAVIS's void label
+DEFAULT_PRESET = "live"  # densekit.retrieval.propagation's preset for tracking as frames arrive on a CPU
 RESOLUTIONS = (480, 360, 240)
 NO_VIDEO = "Load a video first."
 _COLOUR_NAMES = {1: "red", 2: "green", 3: "olive", 4: "navy", 5: "purple", 6: "teal", 7: "grey", 8: "brown"}
-
-
-def default_preset() -> str:
-    """``"live"`` when the propagation module has that preset (tuned for speed), else ``"dino"``."""
-    from densekit.retrieval.propagation import PRESETS
-
-    return "live" if "live" in PRESETS else "dino"
 
 
 def object_label(obj: int) -> str:
@@ -194,7 +188,7 @@ class Engine:
 
         self.extractor = extractor
         self.model_label = model_label
-        self.preset = preset or default_preset()
+        self.preset = preset or DEFAULT_PRESET
         if self.preset not in PRESETS:
             raise DensekitError(f"unknown propagation preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         base = PRESETS[self.preset]
@@ -1028,7 +1022,7 @@ def tracking_loop(
     """
     from densekit.retrieval.propagation import MaskPropagator, PropagationConfig, preset
 
-    cfg = config if isinstance(config, PropagationConfig) else preset(config or default_preset())
+    cfg = config if isinstance(config, PropagationConfig) else preset(config or DEFAULT_PRESET)
     own_dir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="densekit-app-loop-")) if own_dir else Path(workdir)
     try:
@@ -1358,8 +1352,8 @@ def build_app(
 
     model: backbone name, checkpoint, .onnx or .engine (loaded once per process), or an extractor object.
     index: a segment index folder for the Search tab. samples_dir: where the bundled sample sequences are
-    made on first use (None: no samples). preset: propagation preset (default "live" if it exists, else
-    "dino"); short_side: default processing short side. max_video_mb / max_frames / max_side: limits on
+    made on first use (None: no samples). preset: propagation preset (default "live");
+    short_side: default processing short side. max_video_mb / max_frames / max_side: limits on
     loaded videos. concurrency: events of one kind running at once across sessions (the model itself runs
     one call at a time).
     """
@@ -1753,11 +1747,14 @@ def build_app(
                 yield {status_md: "Stopped before the first frame."}
                 return
             end = "Stopped" if last.index < last.total - 1 else "Done"
+            img = session.render(last.index)
             yield {
                 status_md: f"{end} at frame {last.index} ({last.frames_done} frames at {last.fps:.1f} fps). "
                 "Correct any frame and track again from it, or download the results.",
                 frame_slider: gr.update(value=last.index),
-                frame_image: session.render(last.index),
+                frame_image: img,
+                # The brush paints on the frame the slider now shows, not the one tracking started from.
+                brush_editor: {"background": img, "layers": [], "composite": img},
             }
 
         def on_stop(session: TrackSession) -> dict:
@@ -1806,7 +1803,7 @@ def build_app(
         track_btn.click(
             on_track,
             [tstate, frame_slider, resolution_dd],
-            [overlay_image, fps_text, status_md, frame_slider, frame_image],
+            [overlay_image, fps_text, status_md, frame_slider, frame_image, brush_editor],
             api_name="track",
             show_progress="hidden",
         )

@@ -33,7 +33,7 @@ def app_command(
     ] = 200,
     max_frames: Annotated[int, typer.Option("--max-frames", min=2, help="Frames kept of a loaded video.")] = 600,
     preset: Annotated[
-        Optional[str], typer.Option("--preset", help="Propagation preset (default: live if available, else dino).")
+        Optional[str], typer.Option("--preset", help="Propagation preset: live (default), dino or crw.")
     ] = None,
     short_side: Annotated[
         Optional[int], typer.Option("--short-side", min=16, help="Default processing size (shorter side, pixels).")

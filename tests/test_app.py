@@ -195,6 +195,15 @@ def test_stop_then_correct_and_continue(app, client, tmp_path: Path) -> None:
     k = int(final[2].split("frame ")[1].split(" ")[0])
     assert 1 <= k < n - 1
     assert final[3]["value"] == k  # the slider moves to where tracking stopped
+    # ... and the brush paints on that frame, as the frame view shows it
+    from PIL import Image
+
+    shown = np.asarray(Image.open(final[4]).convert("RGB"), dtype=np.int16)
+    brush_bg = np.asarray(Image.open(final[5]["background"]).convert("RGB"), dtype=np.int16)
+    first = read_image(app.root.frame_paths(seq)[0]).astype(np.int16)
+    assert brush_bg.shape == shown.shape == first.shape
+    # Lossy transport (webp) leaves a few levels of difference; frame 0 is far further away.
+    assert np.abs(brush_bg - shown).mean() < 0.25 * np.abs(first - shown).mean()
 
     # correct frame k with its ground truth and continue from there
     write_mask(tmp_path / "fix.png", truth(k))
