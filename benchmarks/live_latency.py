@@ -16,9 +16,10 @@ Timings are of the steady state (frames after the short-term queue is full): mea
 frame's fastest of ``--repeats`` runs, stage by stage, as wall time and as CPU time of the process (all
 threads; less sensitive to other jobs on a shared machine, but it counts threads spinning while they wait).
 
-``--int8`` adds an int8 copy of the model: ONNX Runtime static quantization (QDQ, per-channel int8
-weights, uint8 activations, min-max calibration on frames of ``videos/bikes.mp4`` - not a DAVIS clip - or of
-a make_sample sequence), in the latency and the quality tables.
+``--int8`` adds an int8 copy of the model: ``densekit export onnx --int8`` (ONNX Runtime static
+quantization: QDQ, per-channel int8 weights, uint8 activations, min-max calibration at 360x640 on 8 frames
+of ``videos/bikes.mp4`` - not a DAVIS clip - or of a make_sample sequence), in the latency and the quality
+tables.
 
 Quality (``--quality-models``, default efficientnet_lite0 and resnet18, both ONNX): J&F-Mean, J-Mean and
 F-Mean (densekit's official-DAVIS-exact evaluator) on all of davis2016-mini, for every preset and
@@ -85,50 +86,32 @@ def calibration_frames(work: Path, n: int = 8) -> list[np.ndarray]:
     return [frames[i] for i in np.linspace(0, len(frames) - 1, n).round().astype(int)]
 
 
-def int8_model(src: Path, sizes: Sequence[tuple[int, int]], work: Path, log: Callable[[str], None] = print) -> Path:
-    """``src`` quantized to int8 by ONNX Runtime (static, QDQ, per-channel), calibrated at ``sizes`` (H, W)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+def int8_model(name: str, work: Path, log: Callable[[str], None] = print) -> Path:
+    """``work/<name>-int8.onnx`` from ``densekit export onnx --int8`` (what a user gets), calibrated on
+    :func:`calibration_frames` at the exporter's calibration size."""
+    from PIL import Image
 
-    from densekit.serve.atomic import atomic_path
-    from densekit.serve.extractor import FeatureExtractor, preprocess
+    from densekit.export.onnx import export_onnx
 
-    dst = work / f"{src.stem}{INT8_SUFFIX}.onnx"
+    dst = work / f"{Path(name).stem}{INT8_SUFFIX}.onnx"
     if dst.is_file():
         log(f"reusing {dst}")
         return dst
-    meta = FeatureExtractor(src, device="cpu").meta
-    batches = [preprocess([f], meta, size) for size in sizes for f in calibration_frames(work)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"images": b} for b in batches])
-
-        def get_next(self) -> dict | None:
-            return next(self.items, None)
-
+    calib = work / "calibration"
+    calib.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(calibration_frames(work)):
+        Image.fromarray(frame).save(calib / f"{i:02d}.png")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre))  # shape inference + graph optimisation, as ORT recommends
-        with atomic_path(dst) as out:
-            quantize_static(
-                str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            )
-    log(f"quantized {src.name} to {dst} in {time.perf_counter() - t0:.0f} s ({len(batches)} calibration frames)")
+    report = export_onnx(name, dst, int8_calib=calib, log=lambda _msg: None)
+    cos = min(r.cosine for r in report.parity)
+    log(f"exported {name} as int8 to {dst} in {time.perf_counter() - t0:.0f} s (parity cosine {cos:.4f})")
     return dst
 
 
-def model_file(name: str, work: Path, sizes: Sequence[tuple[int, int]], log: Callable[[str], None] = print) -> Path:
+def model_file(name: str, work: Path, log: Callable[[str], None] = print) -> Path:
     """The ONNX file of ``name`` (``<backbone>`` or ``<backbone>-int8``)."""
     if name.endswith(INT8_SUFFIX):
-        return int8_model(onnx_model(name[: -len(INT8_SUFFIX)], work, lambda _m: None), sizes, work, log)
+        return int8_model(name[: -len(INT8_SUFFIX)], work, log)
     return onnx_model(name, work, log)
 
 
@@ -422,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from densekit.retrieval.propagation import PRESETS, processing_size
+    from densekit.retrieval.propagation import PRESETS
     from densekit.serve.davis import DavisRoot
     from densekit.serve.extractor import FeatureExtractor
 
@@ -442,10 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.frames:
         clip = Clip(clip.name, clip.frames[: args.frames], clip.gt[: args.frames], clip.frame_names[: args.frames])
     videos = {r: at_resolution(clip, r) for r in resolutions}
-    sizes = sorted({processing_size(*v.frames[0].shape[:2], live_config("dino", r), 8) for r, v in videos.items()})
     models = [args.model] + ([args.model + INT8_SUFFIX] if args.int8 else [])
     extractors = {
-        m: FeatureExtractor(model_file(m, args.work, sizes), device="cpu", threads=args.threads) for m in models
+        m: FeatureExtractor(model_file(m, args.work), device="cpu", threads=args.threads) for m in models
     }
     if not args.no_latency:
         latency_table(args, clip, root.name, videos, extractors, presets)
@@ -460,9 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nquality on {root} ({len(seqs)} sequences, every frame; masks resized to the ground truth's size), "
               "ONNX models:")
         print(f"{'model':>20} {'video':>5} {'preset':>6} {'J&F':>6} {'J':>6} {'F':>6}")
-        for model in _split(args.quality_models):
+        quality_models = _split(args.quality_models)
+        if args.int8 and args.model + INT8_SUFFIX not in quality_models:
+            quality_models.append(args.model + INT8_SUFFIX)
+        for model in quality_models:
             ext = extractors.get(model) or FeatureExtractor(
-                model_file(model, args.work, sizes, log=lambda _m: None), device="cpu", threads=args.threads
+                model_file(model, args.work, log=lambda _m: None), device="cpu", threads=args.threads
             )
             for short in resolutions:
                 for name in quality_presets:
