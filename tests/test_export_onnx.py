@@ -161,6 +161,25 @@ def test_int8_export_for_the_cpu(tmp_path: Path, r18) -> None:
     assert float((f32 * i8).sum(0).mean()) > 0.97  # both L2-normalised per location
 
 
+def test_int8_export_keeps_shape_arithmetic_exact(tmp_path: Path) -> None:
+    # EfficientNet-Lite0 computes its TF "SAME" padding from the input shape; quantized, that arithmetic
+    # lost a row and a column (45x80 -> 44x79 at 360x640).
+    from PIL import Image
+    from skimage import data
+
+    from densekit.serve.extractor import OnnxRuntimeBackend
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    Image.fromarray(data.coffee()).save(calib / "coffee.png")
+    export_onnx("efficientnet_lite0", tmp_path / "l0.onnx", int8_calib=calib, verify=False, log=lambda _m: None)
+    model = onnx.load(str(tmp_path / "l0.onnx"))
+    assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
+    runner = OnnxRuntimeBackend(tmp_path / "l0.onnx")
+    for h, w in ((360, 640), (224, 320), (288, 192)):
+        assert runner.run(np.zeros((1, 3, h, w), np.float32)).shape == (1, 80, h // 8, w // 8)
+
+
 def test_int8_bad_inputs_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "x.onnx"
     empty = tmp_path / "empty"
