@@ -55,7 +55,9 @@ IVF indexes (FAISS) are trained on a seeded sample (at most 256 x nlist descript
 ``max_points_per_centroid`` default) once the index holds enough descriptors (``train_min``: 39 x nlist,
 and 256 more when PQ codes are used); until then the FAISS index is empty and search is exact over the
 stored descriptors (numpy), so small collections work with any factory. ``nprobe`` is set explicitly
-(faiss #1109: the default 1 gives poor recall).
+(faiss #1109: the default 1 gives poor recall). A refine stage (``IVF4096,PQ32,RFlat``) gets the IDMap
+wrapper it needs for ids and re-ranks 4x k PQ candidates by exact scores (``k_factor_rf``; FAISS's 1 re-ranks
+only k and kept recall@10 at PQ's 0.67 in ``benchmarks/retrieval.py``, 0.97 with 4).
 
 HNSW search breadth: ``ef_search`` (default 64; stored in the info, overridable per ``open``) is FAISS's
 ``efSearch`` (set through ``ParameterSpace``, which reaches through the IDMap wrapper) and Milvus' ``ef``.
@@ -223,9 +225,14 @@ def _parse_factory(factory: str) -> tuple[str, int | None, bool]:
     m = re.search(r"IVF(\d+)", f)
     nlist = int(m.group(1)) if m else None
     uses_pq = bool(re.search(r"PQ\d+", f))
-    if nlist is None and not f.startswith("IDMap"):
-        f = "IDMap," + f  # Flat and HNSW have no add_with_ids (FAISS wiki "Faiss indexes")
+    if (nlist is None or _REFINE.search(f)) and not f.startswith("IDMap"):
+        # Flat, HNSW and the refine wrapper (IndexRefine) have no add_with_ids (FAISS wiki "Faiss indexes")
+        f = "IDMap," + f
     return f, nlist, uses_pq
+
+
+_REFINE = re.compile(r"(^|,)(RFlat|Refine\()")
+K_FACTOR_RF = 4  # refine stages re-rank k * this many PQ candidates; FAISS's default 1 re-ranks only k
 
 
 BACKENDS = ("faiss", "milvus")
@@ -832,6 +839,8 @@ class _FaissStore:
         if "HNSW" in self.o.info["faiss_factory"]:
             # ParameterSpace reaches the HNSW inside IDMap (and an HNSW coarse quantizer of an IVF)
             ps.set_index_parameter(self.index, "efSearch", int(self.o.ef_search))
+        if _REFINE.search(self.o.info["faiss_factory"]):
+            ps.set_index_parameter(self.index, "k_factor_rf", K_FACTOR_RF)
         self._gpu_index = None
 
     def _expected_ntotal(self) -> int:

@@ -88,6 +88,33 @@ def test_ivf_trains_once_it_has_enough_segments(tmp_path: Path) -> None:
     assert hit.image_id == 5 and hit.score == pytest.approx(1.0, abs=1e-4)
 
 
+def test_refine_factory_adds_with_ids_and_reranks_exactly(tmp_path: Path) -> None:
+    import faiss
+
+    rng = np.random.default_rng(1)
+    photos = [getattr(skimage.data, n)() for n in PHOTOS]
+    crops = []
+    for i in range(60):  # 60 x 6 segments = 360 >= 39 * 2 + 256 (IVF + PQ training points)
+        p = photos[i % 4]
+        y, x = rng.integers(0, p.shape[0] - 64), rng.integers(0, p.shape[1] - 64)
+        crops.append(np.ascontiguousarray(p[y : y + 64, x : x + 64]))
+    with SegmentIndex.create(tmp_path / "rf", "pixels", factory="IVF2,PQ8,RFlat", segments_per_image=K,
+                             nprobe=2) as idx:
+        idx.add_images(crops)
+        assert idx._index.is_trained and idx._index.ntotal == idx.n_segments
+        refine = faiss.downcast_index(faiss.downcast_index(idx._index).index)
+        assert isinstance(refine, faiss.IndexRefine) and refine.k_factor == 4
+        hits = [idx.search(crops[i], point=(32, 32), k=3) for i in (7, 20, 41)]
+    with SegmentIndex.create(tmp_path / "flat", "pixels", segments_per_image=K) as exact_idx:
+        exact_idx.add_images(crops)
+        exact = [exact_idx.search(crops[i], point=(32, 32), k=3) for i in (7, 20, 41)]
+    # All lists visited (nprobe = nlist) and 4x the candidates re-ranked by exact scores: the same hits and
+    # scores as exact search, not PQ's approximations.
+    for got, want in zip(hits, exact):
+        assert [h.segment_id for h in got] == [h.segment_id for h in want]
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+
+
 def test_ivf_pq_factory_skips_polysemous_training() -> None:
     import faiss
 
