@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from densekit.serve.atomic import atomic_path, write_text_atomic
@@ -29,3 +31,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path) -> None:
             raise RuntimeError("crash mid-write")
     assert dest.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_atomic_write_gives_normal_permissions(tmp_path) -> None:
+    # mkstemp makes 0600 files; a written report or model must be readable as a plain open() makes it.
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "new.txt", "x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640
+        existing = tmp_path / "kept.txt"
+        existing.write_text("old")
+        existing.chmod(0o604)
+        write_text_atomic(existing, "new")  # a replaced file keeps its own permissions
+        assert existing.stat().st_mode & 0o777 == 0o604 and existing.read_text() == "new"
+    finally:
+        os.umask(old)
