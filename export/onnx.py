@@ -303,29 +303,20 @@ def _quantize_int8(
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from densekit.export.trt import calibration_batches
+    from densekit.export.trt import calibration_batches, calibration_reader
 
     t0 = time.perf_counter()
     batches = calibration_batches(files, meta, [1, 3, *size])
-    input_name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
 
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         pre, quant = Path(work) / "pre.onnx", Path(work) / "int8.onnx"
         try:
             quant_pre_process(str(path), str(pre))  # shape inference and graph fusions, as ORT advises
             quantize_static(
-                str(pre), str(quant), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                str(pre), str(quant), calibration_reader(pre, batches), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 # 7-bit weights: without AVX-512 VNNI, ONNX Runtime's u8 x s8 kernels (VPMADDUBSW) saturate
                 # with full-range weights (its quantization docs); EfficientNet-Lite0's parity cosine went

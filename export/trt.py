@@ -402,17 +402,12 @@ def make_entropy_calibrator(trt: Any, batches: list[np.ndarray], cache: Path, de
     return EntropyCalibrator()
 
 
-def insert_qdq(src: Path, dst: Path, batches: list[np.ndarray]) -> None:
-    """Explicit INT8 quantization (TensorRT 11): Q/DQ pairs from ONNX Runtime's static quantizer.
-
-    Symmetric activations and weights (zero point 0, which TensorRT requires of QuantizeLinear and
-    DequantizeLinear), per-channel weights, only Conv/MatMul/Gemm quantized so normalisation and
-    softmax stay in floating point.
-    """
+def calibration_reader(model: Path, batches: list[np.ndarray]) -> Any:
+    """An ONNX Runtime ``CalibrationDataReader`` feeding ``batches`` to ``model``'s input, once each."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader
 
-    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -422,10 +417,22 @@ def insert_qdq(src: Path, dst: Path, batches: list[np.ndarray]) -> None:
             batch = next(self._it, None)
             return None if batch is None else {input_name: batch}
 
+    return Reader()
+
+
+def insert_qdq(src: Path, dst: Path, batches: list[np.ndarray]) -> None:
+    """Explicit INT8 quantization (TensorRT 11): Q/DQ pairs from ONNX Runtime's static quantizer.
+
+    Symmetric activations and weights (zero point 0, which TensorRT requires of QuantizeLinear and
+    DequantizeLinear), per-channel weights, only Conv/MatMul/Gemm quantized so normalisation and
+    softmax stay in floating point.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     quantize_static(
         str(src),
         str(dst),
-        Reader(),
+        calibration_reader(src, batches),
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
