@@ -279,7 +279,26 @@ class ModeResult:
         return cls(mode, conf, iou, present, miou, acc, memory_entries, seconds, dict(extra))
 
 
-class SegmentRetrievalEval:
+class _ModeEval:
+    """What both protocols share: the confusion matrix over val images and the time spent predicting."""
+
+    def __init__(self, n_classes: int, config: RetrievalEvalConfig | None) -> None:
+        self.n_classes = int(n_classes)
+        self.cfg = config or RetrievalEvalConfig()
+        self.conf = np.zeros((self.n_classes, self.n_classes), np.int64)
+        self.seconds = 0.0
+
+    def predict(self, feats: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def add_val(self, feats: np.ndarray, gt: np.ndarray) -> np.ndarray:
+        """Predict a val image, accumulate its confusion matrix; returns the (H, W) prediction."""
+        pred = self.predict(feats, gt.shape)
+        self.conf += confusion_matrix(gt, pred, self.n_classes, self.cfg.ignore_index)
+        return pred
+
+
+class SegmentRetrievalEval(_ModeEval):
     """Protocol (a): call :meth:`add_train` for every train image, then :meth:`add_val` for every val image.
 
     ``feats`` are (D, h, w) unit-norm features, ``gt`` (H, W) class ids of the same image.
@@ -288,14 +307,11 @@ class SegmentRetrievalEval:
     mode = "segments"
 
     def __init__(self, n_classes: int, config: RetrievalEvalConfig | None = None) -> None:
-        self.n_classes = int(n_classes)
-        self.cfg = config or RetrievalEvalConfig()
+        super().__init__(n_classes, config)
         self._desc: list[np.ndarray] = []
         self._cls: list[int] = []
         self._index: Any = None
         self._labels: np.ndarray | None = None
-        self.conf = np.zeros((self.n_classes, self.n_classes), np.int64)
-        self.seconds = 0.0
         self._dropped = 0
 
     def _segments(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -343,12 +359,6 @@ class SegmentRetrievalEval:
         self.seconds += time.perf_counter() - t0
         return pred
 
-    def add_val(self, feats: np.ndarray, gt: np.ndarray) -> np.ndarray:
-        """Predict a val image, accumulate its confusion matrix; returns the (H, W) prediction."""
-        pred = self.predict(feats, gt.shape)
-        self.conf += confusion_matrix(gt, pred, self.n_classes, self.cfg.ignore_index)
-        return pred
-
     def result(self) -> ModeResult:
         n = len(self._labels) if self._labels is not None else len(self._cls)
         return ModeResult.from_confusion(
@@ -356,23 +366,20 @@ class SegmentRetrievalEval:
         )
 
 
-class HummingbirdEval:
+class HummingbirdEval(_ModeEval):
     """Protocol (b): :meth:`add_train` for every train image (``n_train_images`` of them, for the per-image
     memory quota), then :meth:`add_val` for every val image."""
 
     mode = "hummingbird"
 
     def __init__(self, n_classes: int, n_train_images: int, config: RetrievalEvalConfig | None = None) -> None:
-        self.n_classes = int(n_classes)
-        self.cfg = config or RetrievalEvalConfig()
+        super().__init__(n_classes, config)
         self.quota = max(1, self.cfg.memory_size // max(1, int(n_train_images)))
         self._feats: list[np.ndarray] = []
         self._hists: list[np.ndarray] = []
         self._seen = 0
         self._index: Any = None
         self._bank_hist: np.ndarray | None = None
-        self.conf = np.zeros((self.n_classes, self.n_classes), np.int64)
-        self.seconds = 0.0
         self.patches_seen = 0
 
     def add_train(self, feats: np.ndarray, gt: np.ndarray) -> int:
@@ -428,12 +435,6 @@ class HummingbirdEval:
         )
         pred = up.argmax(axis=2)
         self.seconds += time.perf_counter() - t0
-        return pred
-
-    def add_val(self, feats: np.ndarray, gt: np.ndarray) -> np.ndarray:
-        """Predict a val image, accumulate its confusion matrix; returns the (H, W) prediction."""
-        pred = self.predict(feats, gt.shape)
-        self.conf += confusion_matrix(gt, pred, self.n_classes, self.cfg.ignore_index)
         return pred
 
     def result(self) -> ModeResult:
