@@ -63,14 +63,15 @@ def _propagation_config(
     return make_preset(preset, **overrides)
 
 
-def _progress():
+def _progress(rate: bool = True):
+    """A rich progress bar: description, bar, done/total, (with ``rate``: the task's ``rate`` field), ETA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
+        *([TextColumn("{task.fields[rate]}")] if rate else []),
         TimeRemainingColumn(),
         transient=False,
     )

@@ -636,17 +636,23 @@ class _Deadline:
         raise _OutOfTime(step, ips)
 
 
-def _last_logged_loss(log_file: Path) -> float | None:
-    loss = None
+def _log_records(log_file: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a training ``log.jsonl`` (none if it is missing); unreadable lines skipped."""
+    records = []
     if log_file.is_file():
         for line in log_file.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and "loss" in rec:
-                loss = float(rec["loss"])
-    return loss
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+def _last_logged_loss(log_file: Path) -> float | None:
+    losses = [float(rec["loss"]) for rec in _log_records(log_file) if "loss" in rec]
+    return losses[-1] if losses else None
 
 
 def preset_text(preset: str) -> str:
@@ -733,27 +739,18 @@ def build_index_and_search(
 
     Returns a JSON-able dict: counts, the query, the hits (rank, score, frame, class) and class precision.
     """
+    from densekit.apps.cli import _progress
     from densekit.apps.cmd_index import write_grid
     from densekit.retrieval.segment_index import SegmentIndex, _upsample
     from densekit.serve.davis import DavisRoot
     from densekit.serve.imageio import read_image
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     davis = DavisRoot(sample_dir)
     classes = (sample_dir / "classes.txt").read_text(encoding="utf-8").split()
     files = [p for seq in davis.sequences() for i, p in enumerate(davis.frame_paths(seq)) if i % 2 == 0]
     shutil.rmtree(index_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    with SegmentIndex.create(index_dir, str(model.resolve()), seed=seed) as idx, Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), transient=False,
-    ) as progress:
+    with SegmentIndex.create(index_dir, str(model.resolve()), seed=seed) as idx, _progress(rate=False) as progress:
         task = progress.add_task("indexing", total=len(files))
         report = idx.add_images(files, progress=lambda _n, _a: progress.advance(task))
         n_images, n_segments = len(idx), idx.n_segments
@@ -880,15 +877,7 @@ def loss_chart(log_file: Path, dest: Path, title: str) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    pts = []
-    if log_file.is_file():
-        for line in log_file.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "loss" in rec and "step" in rec:
-                pts.append((int(rec["step"]), float(rec["loss"])))
+    pts = [(int(rec["step"]), float(rec["loss"])) for rec in _log_records(log_file) if "loss" in rec and "step" in rec]
     if not pts:
         return False
     fig = Figure(figsize=(6.0, 3.2), dpi=100)
