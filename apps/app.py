@@ -1212,8 +1212,6 @@ def search_point(
     engine: Engine, index_dir: Any, image: Any, x: Any, y: Any, k: int = 8
 ) -> tuple[list[tuple[np.ndarray, str]], np.ndarray, str]:
     """Segments nearest to the query image's segment under (x, y): (gallery items, query picture, status)."""
-    import cv2
-
     from densekit.serve.imageio import read_image
 
     engine.index_root(index_dir)  # no index: say so before anything else
@@ -1233,10 +1231,8 @@ def search_point(
     k = max(1, int(k))
     idx = engine.open_index(index_dir)
     try:
-        feats = idx._features(arr)  # as `densekit index search --grid` does: one pass for region and query
-        cells = idx.query_cells(arr, feats, point=pt)
-        region = cv2.resize(cells.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
-        hits = idx.search(arr, mask=region, k=k)
+        found = idx.query_region(arr, point=pt, k=k)
+        hits, region = found.hits, found.mask
         n_images = len(idx)
     finally:
         idx.close()

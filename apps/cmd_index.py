@@ -136,19 +136,14 @@ def search_command(
     query = read_image(image)
     qmask = read_mask(mask) > 0 if mask is not None else None
     with SegmentIndex.open(index, model, ef_search=ef_search, gpu=gpu, token=token) as idx:
-        hits = idx.search(query, mask=qmask, point=pt, box=bx, k=k)
-        if grid is not None:
-            feats = idx._features(query)
-            cells = idx.query_cells(query, feats, mask=qmask, point=pt, box=bx)
-            from densekit.retrieval.segment_index import _upsample
-
-            region = _upsample(cells, query.shape[0], query.shape[1])
+        found = idx.query_region(query, mask=qmask, point=pt, box=bx, k=k)
+    hits = found.hits
     typer.echo(f"{'rank':>4}  {'score':>7}  {'image':>6}  {'segment':>7}  box              path")
     for rank, h in enumerate(hits, 1):
         box_s = ",".join(str(v) for v in h.box)
         typer.echo(f"{rank:>4}  {h.score:7.4f}  {h.image_id:>6}  {h.segment_id:>7}  {box_s:<15}  {h.path or '-'}")
     if grid is not None:
-        write_grid(grid, query, region, hits)
+        write_grid(grid, query, found.mask, hits)
         typer.echo(f"wrote {grid}")
 
 

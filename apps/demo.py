@@ -741,7 +741,7 @@ def build_index_and_search(
     """
     from densekit.apps.cli import _progress
     from densekit.apps.cmd_index import write_grid
-    from densekit.retrieval.segment_index import SegmentIndex, _upsample
+    from densekit.retrieval.segment_index import SegmentIndex
     from densekit.serve.davis import DavisRoot
     from densekit.serve.imageio import read_image
 
@@ -762,11 +762,10 @@ def build_index_and_search(
         query = read_image(qpath)
         qclass = hit_class(sample_dir, qpath, obj_mask, classes)
         t1 = time.perf_counter()
-        hits = idx.search(query, point=point, k=k)
+        # with the query region as the index sees it (the K-means segment under the point), for the picture
+        found = idx.query_region(query, point=point, k=k)
+        hits, region = found.hits, found.mask
         search_s = time.perf_counter() - t1
-        # the query region as the index sees it (the K-means segment under the point), for the picture
-        feats = idx._features(query)
-        region = _upsample(idx.query_cells(query, feats, point=point), query.shape[0], query.shape[1])
     write_grid(grid, query, region, hits)
     rows = []
     for rank, h in enumerate(hits, 1):

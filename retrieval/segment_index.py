@@ -12,7 +12,9 @@ prescribes for cosine similarity; setting ``.metric`` afterwards gives wrong sco
 A query is a region of an image: a mask (resized to the feature grid, cells at least half covered), a
 click point (the K-means segment of the query image under it, with the index's own K and spatial
 weight) or a box (the cells whose centres lie inside it). Its descriptor is the mean feature over
-those cells, L2-normalised.
+those cells, L2-normalised. :meth:`SegmentIndex.query_region` runs the model once over the query image and
+returns the region (on the grid and on the image), its descriptor and the hits; :meth:`SegmentIndex.search`
+is its hits alone.
 
 Backends (``SegmentIndex.create(..., backend=...)``, recorded in the index info so ``open`` picks it up):
 
@@ -196,6 +198,21 @@ class Hit:
     score: float
     box: tuple[int, int, int, int]
     mask: np.ndarray = field(repr=False)
+
+
+@dataclass
+class RegionQuery:
+    """What :meth:`SegmentIndex.query_region` found for a region of a query image (H x W pixels).
+
+    ``cells``: (h, w) bool, the region on the query's feature grid; ``mask``: (H, W) bool, those cells on
+    the image's pixels (nearest), what a picture of the query outlines; ``descriptor``: (D,) float32, the
+    region's unit-norm mean feature; ``hits``: the nearest indexed segments, best first.
+    """
+
+    cells: np.ndarray = field(repr=False)
+    mask: np.ndarray = field(repr=False)
+    descriptor: np.ndarray = field(repr=False)
+    hits: list[Hit]
 
 
 @dataclass
@@ -737,17 +754,21 @@ class SegmentIndex:
             return cells
         return np.ones((h, w), bool)
 
-    def search(
+    def query_region(
         self,
         image: str | os.PathLike[str] | np.ndarray,
+        *,
         mask: np.ndarray | None = None,
         point: tuple[float, float] | None = None,
         box: tuple[float, float, float, float] | None = None,
         k: int = 10,
-    ) -> list[Hit]:
-        """Segments most similar to a region of ``image`` (a mask, a point, a box; none = whole image).
+    ) -> RegionQuery:
+        """A region of ``image`` (a mask, a point, a box; none = whole image) and the ``k`` segments most like it.
 
-        Returns up to ``k`` hits, best first; ``score`` is the inner product of unit descriptors.
+        The query image goes through the model once: its features give the region (a point's K-means
+        segment needs them) and the region's descriptor. Returns a :class:`RegionQuery`: the region on the
+        feature grid and on the image's pixels, its descriptor and the hits (best first; ``score`` is the
+        inner product of unit descriptors). Bad regions, ``k < 1`` and an empty index are DensekitErrors.
         """
         from densekit.serve.imageio import read_image
 
@@ -757,9 +778,22 @@ class SegmentIndex:
             raise DensekitError(f"segment index {self.root} is empty; add images first")
         arr = image if isinstance(image, np.ndarray) else read_image(image)
         feats = self._features(arr)
-        q = region_descriptor(feats, self.query_cells(arr, feats, mask, point, box))
+        cells = self.query_cells(arr, feats, mask, point, box)
+        q = region_descriptor(feats, cells)
         scores, ids = self._search_vectors(q[None], k)
-        return self._hits(scores[0], ids[0])
+        region = _upsample(cells, arr.shape[0], arr.shape[1])
+        return RegionQuery(cells=cells, mask=region, descriptor=q, hits=self._hits(scores[0], ids[0]))
+
+    def search(
+        self,
+        image: str | os.PathLike[str] | np.ndarray,
+        mask: np.ndarray | None = None,
+        point: tuple[float, float] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+        k: int = 10,
+    ) -> list[Hit]:
+        """The hits of :meth:`query_region` alone: up to ``k`` segments most like a region of ``image``."""
+        return self.query_region(image, mask=mask, point=point, box=box, k=k).hits
 
     def _search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(q, dtype=np.float32)

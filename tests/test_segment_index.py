@@ -17,6 +17,7 @@ import skimage.data
 from densekit.retrieval.segment_index import (
     SegmentIndex,
     kmeans_segments,
+    region_descriptor,
     rle_decode,
     rle_encode,
 )
@@ -151,3 +152,48 @@ def test_gpu_request_without_gpus_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DensekitError, match="faiss sees no GPU"):
         SegmentIndex.create(tmp_path / "idx", "pixels", gpu=True)
     assert not (tmp_path / "idx" / "meta.sqlite").exists()
+
+
+class _CountingExtractor:
+    """The real ``pixels`` extractor, counting its forward passes."""
+
+    def __init__(self) -> None:
+        from densekit.serve.extractor import FeatureExtractor
+
+        self.inner = FeatureExtractor("pixels")
+        self.meta = self.inner.meta
+        self.calls = 0
+
+    def __call__(self, image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        self.calls += 1
+        return self.inner(image, size=size)
+
+
+def test_query_region_runs_the_model_once_and_returns_region_descriptor_and_hits(tmp_path: Path) -> None:
+    photos = _photos()
+    model = _CountingExtractor()
+    with SegmentIndex.create(tmp_path / "idx", model, segments_per_image=K) as idx:
+        added = idx.add_images(photos).added
+        model.calls = 0
+        found = idx.query_region(photos[2], point=(70, 30), k=4)
+        assert model.calls == 1
+        H, W = photos[2].shape[:2]
+        assert found.mask.shape == (H, W) and found.mask.dtype == bool and found.mask[30, 70]
+        # the query image is indexed: its own K-means segment under the point comes first, same pixels, cosine 1
+        top = found.hits[0]
+        assert top.image_id == added[2]
+        assert top.score == pytest.approx(1.0, abs=1e-4) and np.array_equal(top.mask, found.mask)
+        assert [h.segment_id for h in found.hits] == [h.segment_id for h in idx.search(photos[2], point=(70, 30), k=4)]
+        feats = model.inner(photos[2])
+        assert found.cells.shape == feats.shape[1:]
+        assert np.allclose(found.descriptor, region_descriptor(feats, found.cells), atol=1e-6)
+        assert float(np.linalg.norm(found.descriptor)) == pytest.approx(1.0, abs=1e-5)
+
+        box = idx.query_region(photos[0], box=(0, 0, 64, 48), k=2)
+        ys, xs = np.nonzero(box.mask)
+        assert box.mask[:48, :64].all() and not box.mask[48:].any() and not box.mask[:, 64:].any()
+        assert (ys.max(), xs.max()) == (47, 63)
+        whole = idx.query_region(photos[0], k=2)
+        assert whole.mask.all() and not np.allclose(whole.descriptor, box.descriptor)
+        with pytest.raises(DensekitError, match="outside"):
+            idx.query_region(photos[0], point=(128, 0))

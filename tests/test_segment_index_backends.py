@@ -179,11 +179,8 @@ def test_backends_rank_alike(built, image_dir: Path) -> None:
     root, _ = built
     image = read_image(image_dir / "rocket.png")
     with SegmentIndex.open(root) as idx:
-        hits = idx.search(image, point=(100, 100), k=idx.n_segments)
-        feats = idx._features(image)
-        from densekit.retrieval.segment_index import region_descriptor
-
-        q = region_descriptor(feats, idx.query_cells(image, feats, point=(100, 100)))
+        found = idx.query_region(image, point=(100, 100), k=idx.n_segments)
+        hits, q = found.hits, found.descriptor
         ids, x = idx._all_descriptors()
     exact = np.sort(x @ q)[::-1]
     assert len(hits) == len(ids)
