@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from densekit.serve.errors import DensekitError
-from densekit.serve.imageio import FRAME_SUFFIXES, natural_key, read_mask
+from densekit.serve.imageio import IMAGE_SUFFIXES, natural_key, read_mask
 
 __all__ = ["DavisRoot"]
 
@@ -156,8 +156,8 @@ class DavisRoot:
         return d
 
     def frame_paths(self, seq: str) -> list[Path]:
-        """Frame files of ``seq`` in natural order (jpg, jpeg, png, bmp, webp)."""
-        frames = _images(self._seq_dir(seq), FRAME_SUFFIXES)
+        """Frame files of ``seq`` (any of ``IMAGE_SUFFIXES``) in natural order."""
+        frames = _images(self._seq_dir(seq), IMAGE_SUFFIXES)
         if not frames:
             raise DensekitError(f"sequence {seq!r} has no frames in {self.images_dir / seq}")
         stems = [p.stem for p in frames]

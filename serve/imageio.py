@@ -28,7 +28,7 @@ from densekit.serve.errors import DensekitError
 
 __all__ = [
     "DAVIS_PALETTE",
-    "FRAME_SUFFIXES",
+    "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
     "VideoSource",
     "natural_key",
@@ -40,7 +40,9 @@ __all__ = [
     "write_overlay_video",
 ]
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Every still-image suffix densekit reads (frame folders, calibration and index folders, training images);
+# Pillow decodes them all.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".avi", ".webm", ".mov", ".mkv")
 DEFAULT_FOLDER_FPS = 24.0
 
@@ -353,9 +355,9 @@ def _bgr_to_rgb(bgr: np.ndarray) -> np.ndarray:
 
 
 def _open_folder(path: Path, fps: float) -> VideoSource:
-    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".")]
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     if not files:
-        raise DensekitError(f"no frames ({'/'.join(s[1:] for s in FRAME_SUFFIXES)}) in folder {path}")
+        raise DensekitError(f"no frames ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in folder {path}")
     files.sort(key=lambda p: natural_key(p.name))
     names = [p.stem for p in files]
     if len(set(names)) != len(names):
