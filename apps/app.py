@@ -89,7 +89,7 @@ from typing import Any, Optional
 import numpy as np
 
 from densekit.serve.atomic import atomic_path
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,6 @@ def object_label(obj: int) -> str:
 
     name = _COLOUR_NAMES.get(obj) or "#{:02x}{:02x}{:02x}".format(*(int(c) for c in DAVIS_PALETTE[obj]))
     return f"object {obj} ({name})"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1375,10 +1370,10 @@ def build_app(
 
     def warn(exc: BaseException) -> str:
         if isinstance(exc, DensekitError):
-            msg = _one_line(exc)
+            msg = one_line(exc)
         else:  # a bug must not end the session: say so in the page, keep the traceback in the log
             log.exception("app handler failed")
-            msg = f"Internal error ({type(exc).__name__}): {_one_line(exc)}"
+            msg = f"Internal error ({type(exc).__name__}): {one_line(exc)}"
         gr.Warning(msg)
         return f"⚠️ {msg}"
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from densekit.serve.atomic import atomic_path
 from densekit.serve.contract import ModelMeta
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 from densekit.serve.onnx_meta import META_KEY
 
 DEFAULT_OPSET = 18  # lowest opset the dynamo exporter emits; also has Resize(antialias) for timm ViTs
@@ -257,7 +257,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:  # ValidationError / InferenceError
-            raise DensekitError(f"exported graph fails onnx.checker: {_one_line(exc)}") from None
+            raise DensekitError(f"exported graph fails onnx.checker: {one_line(exc)}") from None
         if verify:
             report.parity, report.parity_note = verify_parity(original, tmp, half=half, static=static, log=log)
         if calib_files:
@@ -325,7 +325,7 @@ def _quantize_int8(
                 nodes_to_exclude=_shape_nodes(onnx.load(str(pre), load_external_data=False)),
             )
         except Exception as exc:  # ORT's quantizer raises plain Exceptions of many kinds
-            raise DensekitError(f"int8 quantization failed: {_one_line(exc)}") from None
+            raise DensekitError(f"int8 quantization failed: {one_line(exc)}") from None
         proto = onnx.load(str(quant))
         set_metadata(proto, meta, export_info)  # the quantizer does not carry metadata_props over
         onnx.save(proto, str(path))
@@ -402,7 +402,7 @@ def _torch_export(net: Any, path: Path, which: str, opset: int, static: tuple[in
                 f"the {which} ONNX exporter needs a missing package ({exc}); pip install onnxscript"
             ) from None
         except Exception as exc:
-            raise DensekitError(f"{which} ONNX export of {net.meta.name} failed: {_one_line(exc)}") from None
+            raise DensekitError(f"{which} ONNX export of {net.meta.name} failed: {one_line(exc)}") from None
 
 
 def _name_dims(proto: Any, static: tuple[int, int] | None) -> None:
@@ -492,7 +492,7 @@ def _simplify(proto: Any, log: Callable[[str], None]) -> tuple[Any, str | None]:
             warnings.simplefilter("ignore")
             return run(proto), tool
     except Exception as exc:
-        log(f"warning: {tool} failed ({_one_line(exc)}); keeping the unsimplified graph")
+        log(f"warning: {tool} failed ({one_line(exc)}); keeping the unsimplified graph")
         return proto, None
 
 
@@ -584,8 +584,3 @@ def _torch_version() -> str:
     import torch
 
     return str(torch.__version__)
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

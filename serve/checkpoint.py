@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_model
 from densekit.serve.atomic import atomic_path
 from densekit.serve.backbones import DenseBackbone, build_from_arch
 from densekit.serve.contract import ModelMeta
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 
 META_KEY = "densekit"
 
@@ -51,7 +51,7 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> tuple[ModelMeta, d
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
-        raise DensekitError(f"{path}: not a safetensors file ({_one_line(exc)})") from None
+        raise DensekitError(f"{path}: not a safetensors file ({one_line(exc)})") from None
     if META_KEY not in metadata:
         raise DensekitError(f"{path}: safetensors file without densekit metadata (not saved by densekit)")
     return ModelMeta.from_json(metadata[META_KEY]), metadata
@@ -77,11 +77,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> DenseBackbone:
     try:
         load_model(model, str(path), strict=True)
     except (RuntimeError, SafetensorError, ValueError) as exc:
-        raise DensekitError(f"{path}: weights do not match architecture {meta.name}: {_one_line(exc)}") from None
+        raise DensekitError(f"{path}: weights do not match architecture {meta.name}: {one_line(exc)}") from None
     model.meta = meta
     return model.eval()
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

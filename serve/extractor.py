@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from densekit.serve.contract import ModelMeta
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 
 if TYPE_CHECKING:
     from densekit.serve.backbones import DenseBackbone
@@ -143,7 +143,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.requested)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf classes
-            raise DensekitError(f"{self.path}: ONNX Runtime cannot load it ({_one_line(exc)})") from None
+            raise DensekitError(f"{self.path}: ONNX Runtime cannot load it ({one_line(exc)})") from None
         self.provider = self.session.get_providers()[0]
         if device is not None and device.startswith("cuda") and self.provider == "CPUExecutionProvider":
             raise DensekitError(
@@ -209,7 +209,7 @@ def import_tensorrt() -> Any:
     except ImportError:
         raise DensekitError(f"TensorRT is not installed: {TRT_INSTALL_HINT}") from None
     except Exception as exc:  # a broken install (missing libnvinfer) raises OSError/RuntimeError
-        raise DensekitError(f"TensorRT failed to load ({_one_line(exc)}): {TRT_INSTALL_HINT}") from None
+        raise DensekitError(f"TensorRT failed to load ({one_line(exc)}): {TRT_INSTALL_HINT}") from None
     return trt
 
 
@@ -501,8 +501,3 @@ class FeatureExtractor:
         batch = preprocess(list(frames), self.meta, size)
         feats = self.backend.run(batch)
         return l2_normalise(feats, axis=1)
-
-
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

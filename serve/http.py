@@ -72,7 +72,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from densekit.serve.contract import ModelMeta, __version__
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_SIDE = 2048
@@ -178,9 +178,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except UnidentifiedImageError:
         raise HTTPException(400, "the body is not an image that can be decoded (PNG, JPEG, WebP, BMP, TIFF, GIF)")
     except Image.DecompressionBombError as exc:
-        raise HTTPException(413, f"image has too many pixels: {_one_line(exc)}")
+        raise HTTPException(413, f"image has too many pixels: {one_line(exc)}")
     except Exception as exc:  # noqa: BLE001 - any decoder failure on user bytes is bad input
-        raise HTTPException(400, f"the image could not be decoded: {_one_line(exc)}")
+        raise HTTPException(400, f"the image could not be decoded: {one_line(exc)}")
     with im:
         if im.format not in ALLOWED_FORMATS:
             raise HTTPException(415, f"unsupported image format {im.format}; send PNG, JPEG, WebP, BMP, TIFF or GIF")
@@ -195,12 +195,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         except DensekitError as exc:
             raise HTTPException(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data fails in load()
-            raise HTTPException(400, f"the image could not be decoded: {_one_line(exc)}")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+            raise HTTPException(400, f"the image could not be decoded: {one_line(exc)}")
 
 
 def resized_size(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -301,7 +296,7 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
     except MultiPartException as exc:
         raise HTTPException(400, f"malformed multipart body: {exc.message}")
     except Exception as exc:  # noqa: BLE001 - the multipart parser on hostile input
-        raise HTTPException(400, f"malformed multipart body: {_one_line(exc)}")
+        raise HTTPException(400, f"malformed multipart body: {one_line(exc)}")
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from densekit.serve.contract import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 
 META_KEY = "densekit"
 SIDECAR_SUFFIX = ".json"
@@ -43,7 +43,7 @@ def read_onnx_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # onnx raises DecodeError / ValueError / OSError for non-ONNX bytes
-            raise DensekitError(f"{path}: not a valid ONNX file ({_one_line(exc)})") from None
+            raise DensekitError(f"{path}: not a valid ONNX file ({one_line(exc)})") from None
         if not model.graph.node and not model.graph.input:
             raise DensekitError(f"{path}: not a valid ONNX file (empty graph)")
         return {p.key: p.value for p in model.metadata_props}
@@ -52,7 +52,7 @@ def read_onnx_metadata_props(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise DensekitError(f"{path}: not a valid ONNX file ({_one_line(exc)})") from None
+        raise DensekitError(f"{path}: not a valid ONNX file ({one_line(exc)})") from None
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
@@ -163,7 +163,7 @@ def read_engine_sidecar(engine: str | os.PathLike[str]) -> EngineInfo:
     try:
         raw = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DensekitError(f"{side}: not valid JSON ({_one_line(exc)})") from None
+        raise DensekitError(f"{side}: not valid JSON ({one_line(exc)})") from None
     if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
         raise DensekitError(f"{side}: not a densekit engine sidecar (format {SIDECAR_FORMAT!r} expected)")
     try:
@@ -180,7 +180,7 @@ def read_engine_sidecar(engine: str | os.PathLike[str]) -> EngineInfo:
             extra={k: v for k, v in raw.items() if k not in known},
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise DensekitError(f"{side}: incomplete engine sidecar (missing or bad {_one_line(exc)})") from None
+        raise DensekitError(f"{side}: incomplete engine sidecar (missing or bad {one_line(exc)})") from None
 
 
 def check_engine_version(engine: str | os.PathLike[str], built_with: str, running: str) -> None:
@@ -194,8 +194,3 @@ def check_engine_version(engine: str | os.PathLike[str], built_with: str, runnin
             f"{engine}: engine built with TensorRT {built_with} but this is TensorRT {running}; "
             f"rebuild it here with `densekit export trt MODEL.onnx --out {Path(engine).name}`"
         )
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from densekit.serve.atomic import atomic_path, write_text_atomic
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 from densekit.train import dist
 from densekit.train.config import RESUMABLE_CHANGES, TrainConfig, dump_yaml, flat, from_dict, to_dict
 from densekit.train.objective import Objective
@@ -259,11 +259,6 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _dataloader_error(exc: DensekitError) -> DensekitError:
     """DataLoader workers re-raise with a traceback in the message: keep the original one-line reason."""
     text = str(exc)
@@ -364,7 +359,7 @@ class Trainer:
             raise
         except (ValueError, TypeError, RuntimeError, AssertionError, KeyError, NotImplementedError) as exc:
             raise DensekitError(
-                f"objective {name} does not fit backbone {cfg.backbone}: {_one_line(exc)}"
+                f"objective {name} does not fit backbone {cfg.backbone}: {one_line(exc)}"
             ) from exc
         if model.data not in ("pairs", "images"):
             raise DensekitError(f"objective {name} declares data={model.data!r}; expected 'pairs' or 'images'")
@@ -436,7 +431,7 @@ class Trainer:
         try:
             model.load_state_dict(model_sd, strict=True)
         except RuntimeError as exc:
-            raise DensekitError(f"{path}: saved model state does not fit this objective: {_one_line(exc)}") from None
+            raise DensekitError(f"{path}: saved model state does not fit this objective: {one_line(exc)}") from None
         optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
         if scaler is not None and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
@@ -559,7 +554,7 @@ class Trainer:
                     if not first_step:
                         raise
                     raise DensekitError(
-                        f"objective {cfg.objective} failed on backbone {cfg.backbone} at its first step: {_one_line(exc)}"
+                        f"objective {cfg.objective} failed on backbone {cfg.backbone} at its first step: {one_line(exc)}"
                     ) from exc
                 if not torch.isfinite(loss.detach()).all():
                     raise DensekitError(f"the loss became non-finite at step {self.step}; lower optim.lr or check the data")
