@@ -6,7 +6,7 @@ Typer only at import time; numpy, OpenCV, faiss, pymilvus and torch are imported
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -130,6 +130,7 @@ def search_command(
     """Find the segments most similar to a region of the query image (whole image if no region)."""
     from densekit.retrieval.segment_index import SegmentIndex
     from densekit.serve.imageio import read_image, read_mask
+    from densekit.serve.viz import write_grid
 
     pt = _parse_numbers(point, 2, "--point")
     bx = _parse_numbers(box, 4, "--box")
@@ -145,51 +146,6 @@ def search_command(
     if grid is not None:
         write_grid(grid, query, found.mask, hits)
         typer.echo(f"wrote {grid}")
-
-
-def write_grid(dest: Path, query: Any, region: Any, hits: list, tile: int = 192, cols: int = 5) -> None:
-    """PNG grid: the query with its region outlined (yellow), then each hit with its segment (green)."""
-    import cv2
-    import numpy as np
-
-    from densekit.serve.atomic import atomic_path
-    from densekit.serve.imageio import read_image
-
-    def make_tile(img: np.ndarray | None, mask: np.ndarray | None, colour: tuple[int, int, int], label: str) -> np.ndarray:
-        out = np.full((tile, tile, 3), 40, np.uint8)
-        if img is not None:
-            img = img.copy()
-            if mask is not None:
-                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-                thick = max(2, round(max(img.shape[:2]) / tile * 2))
-                cv2.drawContours(img, contours, -1, colour, thick)
-            h, w = img.shape[:2]
-            s = tile / max(h, w)
-            small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-            y, x = (tile - small.shape[0]) // 2, (tile - small.shape[1]) // 2
-            out[y : y + small.shape[0], x : x + small.shape[1]] = small
-        cv2.putText(out, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(out, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-        return out
-
-    tiles = [make_tile(query, region, (255, 255, 0), "query")]
-    for rank, h in enumerate(hits, 1):
-        img = None
-        if h.path is not None:
-            try:
-                img = read_image(h.path)
-            except DensekitError:
-                img = None  # the indexed file was moved or deleted since: draw an empty tile
-        if img is not None and img.shape[:2] != h.mask.shape:
-            img = None
-        tiles.append(make_tile(img, h.mask, (0, 255, 0), f"#{rank} {h.score:.3f} id{h.image_id}"))
-    while len(tiles) % cols:
-        tiles.append(np.full((tile, tile, 3), 255, np.uint8))
-    rows = [np.concatenate(tiles[i : i + cols], axis=1) for i in range(0, len(tiles), cols)]
-    sheet = np.concatenate(rows, axis=0)
-    with atomic_path(dest, suffix=".png") as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
-            raise DensekitError(f"could not write {dest}")
 
 
 def register(app: typer.Typer) -> None:

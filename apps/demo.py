@@ -740,10 +740,10 @@ def build_index_and_search(
     Returns a JSON-able dict: counts, the query, the hits (rank, score, frame, class) and class precision.
     """
     from densekit.apps.cli import _progress
-    from densekit.apps.cmd_index import write_grid
     from densekit.retrieval.segment_index import SegmentIndex
     from densekit.serve.davis import DavisRoot
     from densekit.serve.imageio import read_image
+    from densekit.serve.viz import write_grid
 
     davis = DavisRoot(sample_dir)
     classes = (sample_dir / "classes.txt").read_text(encoding="utf-8").split()
