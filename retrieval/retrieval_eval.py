@@ -76,6 +76,7 @@ import numpy as np
 
 from densekit.serve.atomic import atomic_path, write_text_atomic
 from densekit.serve.errors import DensekitError
+from densekit.serve.imageio import IMAGE_SUFFIXES
 
 __all__ = [
     "MODES",
@@ -103,7 +104,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 Extractor = Callable[[np.ndarray], np.ndarray]
 """(H, W, 3) uint8 RGB -> (D, h, w) float32 features, unit L2 norm over D; the grid covers the whole
@@ -484,7 +484,7 @@ def _read_class_names(path: Path) -> list[str]:
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES:
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             out.setdefault(p.stem, p)
     return out
 

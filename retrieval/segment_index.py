@@ -94,12 +94,12 @@ import numpy as np
 
 from densekit.serve.atomic import atomic_path
 from densekit.serve.errors import DensekitError
+from densekit.serve.imageio import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "meta.sqlite"
 SCHEMA_VERSION = "1"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -31,11 +31,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from densekit.serve.errors import DensekitError
+from densekit.serve.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".avi", ".webm", ".mov", ".mkv")
 
 #: Stream ids mixed into the per-sample seed: one stream for sampling (gap, crop), one for the objective.
 _STREAM_SAMPLING = 0
