@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from densekit.export.onnx import compare, export_onnx, real_images
+    from densekit.export.onnx import export_onnx
+    from densekit.export.parity import compare, real_images
     from densekit.serve.backbones import load_backbone
     from densekit.serve.extractor import OnnxRuntimeBackend, preprocess
 

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from densekit.export.calibration import calibration_batches, calibration_reader, list_calibration_images
+from densekit.export.parity import compare, real_images
 from densekit.serve.atomic import atomic_path
 from densekit.serve.contract import ModelMeta
 from densekit.serve.errors import DensekitError, one_line
@@ -221,8 +223,6 @@ def export_onnx(
         raise DensekitError("--int8 and --half are exclusive")
     calib_files = []
     if int8_calib is not None:
-        from densekit.export.trt import list_calibration_images
-
         calib_files = list_calibration_images(int8_calib)
     net = load_model_for_export(model, seed=seed)
     meta: ModelMeta = net.meta
@@ -305,8 +305,6 @@ def _quantize_int8(
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from densekit.export.trt import calibration_batches, calibration_reader
 
     t0 = time.perf_counter()
     batches = calibration_batches(files, meta, [1, 3, *size])
@@ -496,30 +494,12 @@ def _simplify(proto: Any, log: Callable[[str], None]) -> tuple[Any, str | None]:
         return proto, None
 
 
-def real_images() -> list[np.ndarray]:
-    """Three real RGB photographs shipped with scikit-image (no download)."""
-    from skimage import data
-
-    return [data.astronaut(), data.coffee(), data.chelsea()]
-
-
 def parity_sizes(meta: ModelMeta, static: tuple[int, int] | None) -> list[tuple[tuple[int, int], int]]:
     """(size, batch) pairs checked: two sizes, batch 1 and 2 (one size, both batches when static)."""
     if static is not None:
         return [(static, 1), (static, 2)]
     m = meta.input_multiple
     return [((224 // m * m, 320 // m * m), 1), ((288 // m * m, 192 // m * m), 2)]
-
-
-def compare(reference: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
-    """(max |diff|, cosine of the flattened tensors, worst per-location cosine over D)."""
-    a, b = reference.astype(np.float64), got.astype(np.float64)
-    max_abs = float(np.abs(a - b).max())
-    cos = float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    valid = (na > 1e-6 * na.max()) & (nb > 1e-6 * nb.max())  # all-zero locations have no direction
-    loc = (a * b).sum(axis=1)[valid] / (na[valid] * nb[valid])
-    return max_abs, cos, float(loc.min()) if loc.size else 1.0
 
 
 def verify_parity(

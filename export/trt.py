@@ -37,6 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from densekit.export.calibration import calibration_batches, calibration_reader, list_calibration_images
+from densekit.export.onnx import DEFAULT_OPSET, convert_to_fp16, export_onnx, load_model_for_export
+from densekit.export.parity import compare, real_images
 from densekit.serve.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 from densekit.serve.contract import ModelMeta
 from densekit.serve.errors import DensekitError
@@ -46,7 +49,6 @@ MIN_MAJOR = 10
 ATTENTION_OPS = ("LayerNormalization", "Softmax")
 TRT10_FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
 PARITY_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}  # TF32 is on by default for fp32 builds
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def parse_version(version: str) -> tuple[int, ...]:
@@ -223,7 +225,6 @@ def build_engine(
             raise DensekitError(f"{source} is already an engine; give an .onnx file, a checkpoint or a backbone name")
         trt = import_tensorrt()  # before a costly export that could not be used
         device = require_cuda_for_tensorrt()
-        from densekit.export.onnx import DEFAULT_OPSET, export_onnx, load_model_for_export
         from densekit.serve.backbones import TimmViTDense
 
         net = load_model_for_export(str(model))
@@ -255,8 +256,6 @@ def build_engine(
     with tempfile.TemporaryDirectory(prefix="densekit-trt-") as tmpdir:
         parse_path = onnx_path
         if plan.onnx_transform == "fp16":
-            from densekit.export.onnx import convert_to_fp16
-
             parse_path = Path(tmpdir) / "model_fp16.onnx"
             onnx.save(convert_to_fp16(onnx.load(str(onnx_path))), str(parse_path))
         elif plan.onnx_transform == "qdq":
@@ -348,31 +347,6 @@ def _build(
     return bytes(serialized), input_name, output_name
 
 
-def list_calibration_images(calib: str | os.PathLike[str] | None) -> list[Path]:
-    """Image files of ``--calib DIR`` (sorted); DensekitError if there are none."""
-    if calib is None:
-        return []
-    folder = Path(calib)
-    if not folder.is_dir():
-        raise DensekitError(f"--calib {folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DensekitError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files[:512]
-
-
-def calibration_batches(files: list[Path], meta: ModelMeta, opt: list[int]) -> list[np.ndarray]:
-    """Preprocessed (B, 3, H, W) float32 batches at the profile's opt shape."""
-    from densekit.serve.extractor import preprocess
-    from densekit.serve.imageio import read_image
-
-    b, _, h, w = opt
-    frames = [read_image(p) for p in files]
-    return [preprocess(frames[i : i + b], meta, (h, w)) for i in range(0, len(frames) - b + 1, b)] or [
-        preprocess(frames[:1], meta, (h, w))
-    ]
-
-
 def make_entropy_calibrator(trt: Any, batches: list[np.ndarray], cache: Path, device: Any) -> Any:
     """An ``IInt8EntropyCalibrator2`` over ``batches`` (TensorRT 10 implicit quantization)."""
     import torch
@@ -400,24 +374,6 @@ def make_entropy_calibrator(trt: Any, batches: list[np.ndarray], cache: Path, de
             write_bytes_atomic(cache, bytes(data))
 
     return EntropyCalibrator()
-
-
-def calibration_reader(model: Path, batches: list[np.ndarray]) -> Any:
-    """An ONNX Runtime ``CalibrationDataReader`` feeding ``batches`` to ``model``'s input, once each."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader
-
-    input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
-
-    return Reader()
 
 
 def insert_qdq(src: Path, dst: Path, batches: list[np.ndarray]) -> None:
@@ -451,7 +407,6 @@ def engine_parity(
     log: Callable[[str], None],
 ) -> list[tuple[tuple[int, int], int, float, float]]:
     """TensorRT against ONNX Runtime (CPU, fp32) on real photos at the opt and min sizes."""
-    from densekit.export.onnx import compare, real_images
     from densekit.serve.extractor import OnnxRuntimeBackend, TensorRTBackend, preprocess
 
     trt_runner = TensorRTBackend(engine)

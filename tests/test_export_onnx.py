@@ -10,7 +10,8 @@ import onnx
 import pytest
 
 from densekit.apps.cli import main
-from densekit.export.onnx import FP32_COSINE, compare, convert_to_fp16, export_onnx, parse_hw
+from densekit.export.onnx import FP32_COSINE, convert_to_fp16, export_onnx, parse_hw
+from densekit.export.parity import compare
 from densekit.serve.backbones import build_backbone
 from densekit.serve.contract import ModelMeta
 from densekit.serve.errors import DensekitError
