@@ -2,7 +2,9 @@
 
 Every subcommand imports its heavy dependencies (torch, timm, OpenCV) inside the command body, so
 ``densekit --help`` and each ``--help`` answer fast with the base install. Bad input raises
-:class:`~densekit.serve.errors.DensekitError`; :func:`main` prints it as one line and exits with 2.
+:class:`~densekit.serve.errors.DensekitError`; :func:`main` prints it, and every other way a user can go
+wrong (a usage error from typer/click, a path that cannot be read or written, a missing optional
+extra), as one ``error:`` line and exits with 2. Nothing reaches the user as a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from densekit.serve.errors import DensekitError
+from densekit.apps.progress import progress_bar
+from densekit.serve.errors import DensekitError, one_line
 
 app = typer.Typer(
     name="densekit",
@@ -63,20 +66,6 @@ def _propagation_config(
     return make_preset(preset, **overrides)
 
 
-def _progress(rate: bool = True):
-    """A rich progress bar: description, bar, done/total, (with ``rate``: the task's ``rate`` field), ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        *([TextColumn("{task.fields[rate]}")] if rate else []),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-
-
 def _propagate_to_dir(propagator, video, first_mask, out_dir: Path, progress, description: str, overlay=None):
     """Run the streaming propagator over ``video`` and write one palette PNG per frame as it goes.
 
@@ -111,8 +100,8 @@ def data_sample(
     out: Annotated[Path, typer.Argument(help="Folder to create (DAVIS-2017 layout).")],
     sequences: Annotated[int, typer.Option(min=1, help="Number of video sequences.")] = 6,
     frames: Annotated[int, typer.Option(min=4, help="Frames per sequence.")] = 24,
-    height: Annotated[int, typer.Option(min=32, help="Frame height in pixels.")] = 240,
-    width: Annotated[int, typer.Option(min=32, help="Frame width in pixels.")] = 432,
+    height: Annotated[int, typer.Option(min=64, help="Frame height in pixels.")] = 240,
+    width: Annotated[int, typer.Option(min=64, help="Frame width in pixels.")] = 432,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same dataset.")] = 0,
 ) -> None:
     """Make the embedded sample dataset: moving textured objects over real photographs, exact masks."""
@@ -149,7 +138,7 @@ def track(
     first = read_mask(mask)
     extractor = FeatureExtractor(backbone, device=device)
     propagator = MaskPropagator(extractor, cfg)
-    with _progress() as progress:
+    with progress_bar() as progress:
         n = _propagate_to_dir(propagator, source, first, out, progress, f"track {video.name}", overlay)
     typer.echo(f"wrote {n} masks to {out}" + (f" and overlay {overlay}" if overlay else ""))
 
@@ -191,7 +180,7 @@ def eval_davis(
         raise DensekitError(f"no sequences in {root} for split {split!r}")
     extractor = FeatureExtractor(backbone, device=device)
     propagator = MaskPropagator(extractor, cfg)
-    with _progress() as progress:
+    with progress_bar() as progress:
         for seq in names:
             frames_dir = davis.frame_paths(seq)[0].parent
             _propagate_to_dir(
@@ -218,30 +207,35 @@ def info(
 
 
 def _register_area_commands() -> None:
-    # Each area's commands live in their own small module (apps/cmd_<area>.py, typer only, heavy
-    # imports inside the command bodies), so --help stays fast.
-    import importlib
+    """Each area's commands live in their own small module (apps/cmd_<area>.py) with a ``register(group)``.
 
-    for name in ("cmd_train", "cmd_export", "cmd_serve", "cmd_index", "cmd_eval_retrieval", "cmd_app", "cmd_demo"):
-        try:
-            module = importlib.import_module(f"densekit.apps.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"densekit.apps.{name}":
-                raise
-            continue
+    They import only typer when loaded (heavy and optional imports live in the command bodies), so a
+    failure here is a broken install, not a missing extra: it is said in one line, never skipped.
+    """
+    try:
+        from densekit.apps import cmd_app, cmd_demo, cmd_eval_retrieval, cmd_export, cmd_index, cmd_serve, cmd_train
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: densekit is installed incompletely ({one_line(exc)}); reinstall it "
+            "(pip install --force-reinstall densekit)"
+        ) from None
+    for module in (cmd_train, cmd_export, cmd_serve, cmd_index, cmd_app, cmd_demo):
         module.register(app)
+    cmd_eval_retrieval.register(eval_app)
 
 
 _register_area_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``densekit`` console script: bad input -> one line on stderr, exit code 2."""
+    """Entry point of the ``densekit`` console script: bad input -> one ``error:`` line on stderr, exit code 2.
+
+    An unexpected exception (a bug) is one line too, exit code 1; ``DENSEKIT_DEBUG=1`` re-raises it.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="densekit", standalone_mode=False)
     except DensekitError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
+        return _error(one_line(exc))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
@@ -250,14 +244,70 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 1
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except Exception as exc:
+        return _unexpected(exc)
     return 0
+
+
+def _error(message: str, code: int = 2) -> int:
+    typer.echo(f"error: {message}", err=True)
+    return code
+
+
+def _unexpected(exc: Exception) -> int:
+    """Usage errors, unreadable/unwritable paths and missing extras as one line; anything else is a bug."""
+    import os
+
+    if _is_click_exception(exc):
+        return _usage_error(exc)
+    if isinstance(exc, ModuleNotFoundError):
+        return _missing_module(exc)
+    if isinstance(exc, OSError):  # a path that cannot be read or written, a full disk, a port in use
+        where = f": {exc.filename}" if exc.filename else ""
+        return _error(f"{exc.strerror}{where}" if exc.strerror else one_line(exc))
+    if os.environ.get("DENSEKIT_DEBUG"):
+        raise exc
+    return _error(f"unexpected {type(exc).__name__}: {one_line(exc)} (a bug; DENSEKIT_DEBUG=1 shows where)", 1)
+
+
+def _is_click_exception(exc: Exception) -> bool:
+    # Typer >= 0.25 vendors its own click (typer._click), older typer uses click itself: recognise either
+    # by what click exceptions do (a message for the user and an exit code), not by their module.
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def _usage_error(exc: Exception) -> int:
+    ctx = getattr(exc, "ctx", None)
+    if "NoArgsIsHelpError" in {c.__name__ for c in type(exc).__mro__}:  # `densekit eval` alone: its help
+        exc.show()  # type: ignore[attr-defined]
+        return exc.exit_code  # type: ignore[attr-defined]
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return _error(one_line(Exception(exc.format_message())) + hint)  # type: ignore[attr-defined]
+
+
+def _missing_module(exc: ModuleNotFoundError) -> int:
+    """An optional extra that is not installed: name the extra; a core dependency: a broken install."""
+    name = (exc.name or "").split(".")[0]
+    extra = _extra_providing(name)
+    if extra:
+        return _error(f"this needs {name}, which is not installed: pip install 'densekit[{extra}]'")
+    return _error(f"{one_line(exc)} (a broken install? pip install --force-reinstall densekit)", 1)
+
+
+def _extra_providing(module: str) -> str | None:
+    """The densekit extra whose requirement installs ``module`` (from the installed metadata: pyproject)."""
+    import re
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("densekit") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for req in requirements:
+        found = re.match(r"\s*([A-Za-z0-9_.-]+).*;.*extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if found and found[1].lower().replace("-", "_") == module.lower() and found[2] != "dev":
+            return found[2]
+    return None
 
 
 if __name__ == "__main__":

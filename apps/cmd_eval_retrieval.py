@@ -60,8 +60,8 @@ def eval_retrieval(
     import time
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from densekit.apps.progress import progress_bar
     from densekit.retrieval.retrieval_eval import (
         RetrievalEvalConfig,
         evaluate_retrieval,
@@ -90,10 +90,7 @@ def eval_retrieval(
     console = Console()
     if data_set.note:
         console.print(f"note: {data_set.note}")
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=console, transient=False,
-    ) as progress:
+    with progress_bar(rate=False, console=console) as progress:
         tasks = {
             "train": progress.add_task(f"train features ({split_train})", total=len(data_set.train)),
             "val": progress.add_task(f"val features ({split_val})", total=len(data_set.val)),
@@ -111,13 +108,6 @@ def eval_retrieval(
         typer.echo(f"wrote {', '.join(p.name for p in paths)} to {out}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``retrieval`` to the ``densekit eval`` sub-command group.
-
-    The group is looked up on ``app`` itself, so ``python -m densekit.apps.cli`` (where the CLI module runs
-    as ``__main__`` and a plain import would build a second copy of it) gets the command too.
-    """
-    group = next((g.typer_instance for g in app.registered_groups if g.name == "eval"), None)
-    if group is None:
-        from densekit.apps.cli import eval_app as group
-    group.command("retrieval")(eval_retrieval)
+def register(eval_group: typer.Typer) -> None:
+    """Add ``retrieval`` to ``eval_group``, the ``densekit eval`` sub-command group that the CLI passes in."""
+    eval_group.command("retrieval")(eval_retrieval)

@@ -70,7 +70,7 @@ def build_command(
     ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help=EF_HELP)] = None,
 ) -> None:
     """Index every image under IMAGES_DIR; images already in the index are skipped (resumable)."""
-    from densekit.apps.cli import _progress
+    from densekit.apps.progress import progress_bar
     from densekit.retrieval.segment_index import BACKENDS, DB_NAME, DEFAULT_EF_SEARCH, SegmentIndex, list_images
 
     if backend is not None and backend not in BACKENDS:
@@ -95,7 +95,7 @@ def build_command(
             max_side=max_side, threads=threads, backend=backend, uri=uri, token=token,
             ef_search=ef_search or DEFAULT_EF_SEARCH,
         )
-    with idx, _progress(rate=False) as progress:
+    with idx, progress_bar(rate=False) as progress:
         task = progress.add_task("indexing", total=len(files))
         report = idx.add_images(files, progress=lambda _name, _added: progress.advance(task))
         total_images, total_segments = len(idx), idx.n_segments

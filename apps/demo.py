@@ -487,7 +487,8 @@ class _Demo:
         return FeatureExtractor(key, device="cpu")
 
     def _eval_one(self, key: str, label: str, val: list[str]) -> dict[str, Any]:
-        from densekit.apps.cli import _progress, _propagate_to_dir, _propagation_config
+        from densekit.apps.cli import _propagate_to_dir, _propagation_config
+        from densekit.apps.progress import progress_bar
         from densekit.retrieval.davis_eval import evaluate_davis, write_csvs
         from densekit.retrieval.propagation import MaskPropagator
         from densekit.serve.davis import DavisRoot
@@ -500,7 +501,7 @@ class _Demo:
         extractor = self._extractor(key)
         t0 = time.perf_counter()
         frames = 0
-        with _progress() as progress:
+        with progress_bar() as progress:
             for seq in val:
                 paths = davis.frame_paths(seq)
                 first = read_image(paths[0])
@@ -739,7 +740,7 @@ def build_index_and_search(
 
     Returns a JSON-able dict: counts, the query, the hits (rank, score, frame, class) and class precision.
     """
-    from densekit.apps.cli import _progress
+    from densekit.apps.progress import progress_bar
     from densekit.retrieval.segment_index import SegmentIndex
     from densekit.serve.davis import DavisRoot
     from densekit.serve.imageio import read_image
@@ -750,7 +751,7 @@ def build_index_and_search(
     files = [p for seq in davis.sequences() for i, p in enumerate(davis.frame_paths(seq)) if i % 2 == 0]
     shutil.rmtree(index_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    with SegmentIndex.create(index_dir, str(model.resolve()), seed=seed) as idx, _progress(rate=False) as progress:
+    with SegmentIndex.create(index_dir, str(model.resolve()), seed=seed) as idx, progress_bar(rate=False) as progress:
         task = progress.add_task("indexing", total=len(files))
         report = idx.add_images(files, progress=lambda _n, _a: progress.advance(task))
         n_images, n_segments = len(idx), idx.n_segments

@@ -1,0 +1,195 @@
+"""Every command of the CLI answers bad input with one ``error:`` line and exit code 2, never a traceback.
+
+The commands are enumerated from the typer app itself (so a new command is covered without editing this
+file), and each is driven with: every numeric option given a non-number, every option with a minimum given
+a number below it, an unknown option, and every path (and every required name that may be a path) set to
+a path below a regular file, which is missing when read and unwritable when written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+import typer.main
+from PIL import Image
+
+from densekit.apps.cli import app, main
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    flag: str | None  # None for a positional argument
+    kind: type | None  # int, float, str, Path, bool; None for anything else (lists)
+    required: bool
+    min: float | None
+
+
+def _commands(group: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], typing.Callable]]:
+    found = []
+    for command in group.registered_commands:
+        name = command.name or command.callback.__name__.replace("_", "-")
+        found.append(((*prefix, name), command.callback))
+    for sub in group.registered_groups:
+        found += _commands(sub.typer_instance, (*prefix, sub.name))
+    return found
+
+
+def _base(annotation: object) -> type | None:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:  # Optional[X]
+        annotation = args[0]
+    return annotation if annotation in (int, float, str, bool, Path) else None
+
+
+def _params(callback: typing.Callable) -> list[Param]:
+    hints = typing.get_type_hints(callback, include_extras=True)
+    params = []
+    for name, sig in inspect.signature(callback).parameters.items():
+        annotated = hints[name]
+        base, *extras = typing.get_args(annotated)
+        info = next(e for e in extras if isinstance(e, typer.models.ParameterInfo))
+        flag = None
+        if isinstance(info, typer.models.OptionInfo):
+            decls = [d for d in (info.param_decls or ()) if d.startswith("--")]
+            flag = decls[0].split("/")[0] if decls else "--" + name.replace("_", "-")
+        params.append(Param(name, flag, _base(base), sig.default is inspect.Parameter.empty, info.min))
+    return params
+
+
+COMMANDS = {path: _params(callback) for path, callback in _commands(app)}
+
+
+def test_the_enumeration_sees_every_command_click_sees() -> None:
+    def walk(command, path=()):
+        subs = getattr(command, "commands", None)
+        if not subs:
+            return {path}
+        return set().union(*(walk(c, (*path, n)) for n, c in subs.items()))
+
+    assert set(COMMANDS) == walk(typer.main.get_command(app))
+    assert len(COMMANDS) >= 14  # track, info, train, serve, app, demo, data sample, eval x2, export x3, index x2
+
+
+def _path_like(p: Param) -> bool:
+    return p.kind is Path or (p.required and p.kind is str)  # a required name may be a checkpoint path
+
+
+def _argv(path: tuple[str, ...], params: list[Param], bad_path: Path, **values: str) -> list[str]:
+    """``path`` with its required parameters filled: ``values[name]``, else ``bad_path`` for paths.
+
+    Optional paths get ``bad_path`` too when the command has no required one (train, demo, app).
+    """
+    argv = list(path)
+    all_paths = not any(p.required and _path_like(p) for p in params)
+    for p in params:
+        if p.name in values:
+            value = values[p.name]
+        elif _path_like(p) and (p.required or all_paths):
+            value = str(bad_path / f"{p.name}.safetensors" if p.kind is str else bad_path / p.name)
+        elif p.required:
+            value = str(p.min if p.min is not None else 1)
+        else:
+            continue
+        argv += [value] if p.flag is None else [p.flag, value]
+    return argv
+
+
+def _bad_values(params: list[Param]) -> list[tuple[Param, str]]:
+    cases = []
+    for p in params:
+        if p.kind in (int, float):
+            cases.append((p, "abc"))
+        if p.min is not None:
+            below = p.min - 1 if p.kind is int else p.min - max(abs(p.min), 1e-3)
+            cases.append((p, str(int(below) if p.kind is int else below)))
+    return cases
+
+
+@pytest.fixture()
+def bad_path(tmp_path: Path) -> Path:
+    regular = tmp_path / "a-file"
+    regular.write_text("not a folder")
+    return regular / "below"
+
+
+def _check_one_error_line(argv: list[str], capsys) -> str:
+    rc = main(argv)
+    captured = capsys.readouterr()
+    text = (captured.out + captured.err).strip()
+    lines = text.splitlines()
+    assert rc == 2, f"densekit {' '.join(argv)}: exit {rc}\n{text}"
+    assert "Traceback" not in text, text
+    assert 1 <= len(lines) <= 3, f"densekit {' '.join(argv)}: {len(lines)} lines\n{text}"
+    assert [line for line in lines if line.startswith("error: ")], text
+    return text
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_bad_option_values_are_one_error_line(path: tuple[str, ...], bad_path: Path, capsys) -> None:
+    params = COMMANDS[path]
+    for param, value in _bad_values(params):
+        text = _check_one_error_line(_argv(path, params, bad_path, **{param.name: value}), capsys)
+        assert param.flag in text, text  # the message is about the option that was wrong
+    text = _check_one_error_line(_argv(path, params, bad_path) + ["--no-such-option"], capsys)
+    assert "--no-such-option" in text
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_missing_or_unwritable_paths_are_one_error_line(path: tuple[str, ...], bad_path: Path, capsys) -> None:
+    params = COMMANDS[path]
+    assert any(_path_like(p) for p in params), "a command without paths"
+    _check_one_error_line(_argv(path, params, bad_path), capsys)
+
+
+def test_a_missing_required_option_is_one_error_line(capsys) -> None:
+    text = _check_one_error_line(["data", "sample"], capsys)
+    assert "densekit data sample --help" in text
+
+
+def test_an_unexpected_exception_is_one_line_with_exit_code_1(monkeypatch, capsys) -> None:
+    from densekit.apps.cli import _unexpected
+
+    try:
+        1 / 0
+    except ZeroDivisionError as exc:  # what a bug in a command body would raise
+        assert _unexpected(exc) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: unexpected ZeroDivisionError: division by zero") and "\n" not in err
+        monkeypatch.setenv("DENSEKIT_DEBUG", "1")
+        with pytest.raises(ZeroDivisionError):
+            _unexpected(exc)
+
+
+def test_a_missing_optional_extra_names_the_extra() -> None:
+    from densekit.apps.cli import _extra_providing
+
+    assert _extra_providing("gradio") == "app"
+    assert _extra_providing("pymilvus") == "milvus"
+    assert _extra_providing("tensorrt") == "trt"
+    assert _extra_providing("numpy") is None  # a core dependency: a broken install, not an extra
+
+
+def test_unwritable_outputs_are_one_error_line(bad_path: Path, tmp_path: Path, capsys) -> None:
+    """Valid input, an output below a regular file: the command runs until it writes, then one line."""
+    from densekit.serve.imageio import write_mask
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(frames / f"{i:05d}.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:24, 8:24] = 1
+    write_mask(tmp_path / "mask.png", mask)
+    text = _check_one_error_line(["track", str(frames), "--mask", str(tmp_path / "mask.png"), "--out",
+                                  str(bad_path), "--backbone", "pixels"], capsys)
+    assert str(bad_path) in text
+    text = _check_one_error_line(["export", "onnx", "pixels", "--out", str(bad_path / "m.onnx")], capsys)
+    assert str(bad_path) in text
