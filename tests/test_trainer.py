@@ -243,6 +243,80 @@ def test_different_seed_gives_different_weights(sample: Path, tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# Time budget
+# --------------------------------------------------------------------------------------------------
+
+
+def _records(run: Path, key: str) -> list[dict[str, Any]]:
+    return [r[key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_budget_calibration_leaves_no_trace_and_resume_is_exact(sample: Path, tmp_path: Path) -> None:
+    """A budget far longer than max_steps: the schedule is max_steps, and the calibration steps (run, then
+    undone) leave the run bit-identical to a plain one; a killed budget run resumes exactly, without calibrating
+    again."""
+    from densekit.train.trainer import Trainer
+
+    kw = {"objective_cls": TinyDense, "backbone_fn": tiny_backbone_bn}
+    plain = Trainer(_cfg(sample, tmp_path / "plain"), **kw).fit()
+    budget = ["budget_s=3600", "max_steps=6"]
+    full = Trainer(_cfg(sample, tmp_path / "full", *budget), **kw).fit()
+    assert full.max_steps == 6 == full.step and not full.stopped_by_budget and full.seconds_per_step > 0
+    (calib,) = _records(tmp_path / "full", "budget")
+    assert calib["calibration_steps"] == 4 and calib["max_steps"] == 6 and calib["clock"] == "wall"
+    _assert_identical(_weights(tmp_path / "plain"), _weights(tmp_path / "full"))
+    assert plain.metrics["loss"] == full.metrics["loss"]
+
+    with pytest.raises(Kill):
+        Trainer(_cfg(sample, tmp_path / "cut", *budget), hooks=[_kill_at(5)], **kw).fit()
+    resumed = Trainer(_cfg(sample, tmp_path / "cut", *budget), resume=True, **kw).fit()
+    assert resumed.step == 6 and resumed.seconds_per_step is None  # the saved schedule, no second calibration
+    assert len(_records(tmp_path / "cut", "budget")) == 1
+    _assert_identical(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+
+
+@pytest.mark.parametrize("clock,workers", [("wall", 0), ("cpu", 1)])
+def test_budget_stops_within_budget_plus_one_step(sample: Path, tmp_path: Path, clock: str, workers: int) -> None:
+    from safetensors import safe_open
+
+    from densekit.train.budget import clock_fn
+    from densekit.train.trainer import Trainer
+
+    now = clock_fn(clock)
+    times: list[float] = []
+    budget_s = 2.0
+    cfg = _cfg(sample, tmp_path / "run", f"budget_s={budget_s}", f"clock={clock}", "max_steps=100000",
+               "save_every=0", "log_every=5", f"data.num_workers={workers}", "deterministic=false")
+    t0 = now()
+    res = Trainer(cfg, objective_cls=TinyDense, backbone_fn=tiny_backbone_bn,
+                  hooks=[lambda _t, _s: times.append(now())]).fit()
+    steps = np.diff([t0, *times])
+    # the calibration sized the schedule to the budget (not a few steps, not the cap) ...
+    assert 4 < res.max_steps < 100000 and res.step > 0
+    # ... and the run ended within the budget plus one step (this clock started before fit's: an upper bound)
+    assert times[-1] - t0 <= budget_s + steps[1:].max() + 0.1, (times[-1] - t0, steps.max())
+    assert res.clock == clock and res.budget_s == budget_s and res.step == len(times)
+    assert res.stopped_by_budget == (res.step < res.max_steps)
+    (end,) = _records(tmp_path / "run", "end")
+    assert end["clock"] == clock and end["seconds"] == res.seconds and end["step"] == res.step
+    assert times[-1] - t0 - 0.1 <= res.seconds <= times[-1] - t0 + 5.0  # the saving and export come after
+    with safe_open(str(tmp_path / "run" / "backbone.safetensors"), "pt") as fh:
+        md = fh.metadata()
+    assert json.loads(md["train_steps"]) == res.step and md["train_clock"] == clock
+    assert json.loads(md["stopped_early"]) == res.stopped_by_budget
+    with safe_open(str(tmp_path / "run" / "state.safetensors"), "pt") as fh:
+        meta = json.loads(fh.metadata()["densekit_train_state"])
+    assert meta["max_steps"] == res.max_steps and meta["step"] == res.step
+
+
+def test_budget_config_is_checked() -> None:
+    with pytest.raises(DensekitError, match="budget_s"):
+        build_config(overrides=["budget_s=-1"])
+    with pytest.raises(DensekitError, match="clock"):
+        build_config(overrides=["clock=gpu"])
+
+
+# --------------------------------------------------------------------------------------------------
 # Outputs, schedule, config
 # --------------------------------------------------------------------------------------------------
 
@@ -261,9 +335,12 @@ def test_outputs_backbone_config_and_logs(sample: Path, tmp_path: Path) -> None:
     cfg = build_config(run / "config.yaml")
     assert cfg.hparams == {"dim": 16, "queue": 32, "momentum": 0.9, "temperature": 0.2, "drop": 0.25}
     assert cfg.max_steps == 3 and cfg.data.size == [32, 32]
-    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    lines = [x for x in records if "step" in x]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(np.isfinite(x["loss"]) for x in lines) and res.images_per_s > 0
+    assert records[-1]["end"]["clock"] == "wall" and records[-1]["end"]["step"] == 3 == res.max_steps
+    assert not res.stopped_by_budget and 0 < res.seconds
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
 
 

@@ -11,6 +11,7 @@ arguments; the trainer checks them against the objective's ``__init__`` signatur
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +93,10 @@ class TrainConfig:
     save_every: int = 100  # steps between state checkpoints (0: only at the end)
     log_every: int = 10
     halt_at: int = 0  # stop after this step as if killed (checkpoint first); 0: never. For tests/preemption.
+    # A time budget (0: none): the trainer times a few steps, sizes the schedule so that it ends with the budget
+    # (at most max_steps), stops once the budget is spent and exports (see densekit.train.budget).
+    budget_s: float = 0.0
+    clock: Literal["wall", "cpu"] = "wall"  # what budget_s counts: wall time, or CPU time of this process tree
     progress: bool = True
     tensorboard: bool = True
     hparams: dict[str, Any] = field(default_factory=dict)  # objective keyword arguments
@@ -325,6 +330,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.save_every >= 0 and cfg.log_every >= 1, "save_every must be >= 0 and log_every >= 1")
     need(cfg.halt_at >= 0, f"halt_at must be >= 0, got {cfg.halt_at}")
+    need(cfg.budget_s >= 0 and math.isfinite(cfg.budget_s), f"budget_s must be >= 0 seconds, got {cfg.budget_s}")
     need(len(cfg.data.size) == 2 and min(cfg.data.size) >= 8, f"data.size must be [height, width] >= 8, got {cfg.data.size}")
     need(0 <= cfg.data.gap_min <= cfg.data.gap_max, f"need 0 <= data.gap_min <= data.gap_max, got {cfg.data.gap_min}, {cfg.data.gap_max}")
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")

@@ -19,6 +19,14 @@ state ends with bit-identical weights to an uninterrupted run: everything random
 numpy, python RNGs per rank) or a pure function of (seed, step) (data order, crops, augmentations; the
 DataLoader gets its own generator so creating it never consumes the global RNG).
 
+Time budget: with ``budget_s`` > 0 the trainer times :data:`~densekit.train.budget.CALIBRATION_STEPS` steps on the
+``clock`` (``wall`` or ``cpu``, see :mod:`densekit.train.budget`; the time counts from the start of ``fit``, model
+building included), puts model, optimiser and RNGs back, and sets the schedule length (``max_steps`` is then an
+upper bound) so that the cosine ends with the budget; it stops after the first step that finds the budget spent,
+then saves and exports as a finished run. The schedule length and the time spent are in the state file, so a
+resumed budget run keeps its schedule (exact resume) and its remaining time. ``log.jsonl`` gets a ``budget``
+record (calibration) and every run an ``end`` record (clock, seconds, whether the budget stopped it).
+
 DDP: ``torchrun --nproc_per_node N densekit train ...`` (or any launcher setting RANK/WORLD_SIZE/MASTER_ADDR);
 gloo on CPU, nccl on CUDA. ``batch_size`` is the global batch; rank r gets samples
 ``[s*B + r*B/N, s*B + (r+1)*B/N)`` at step s. DDP averages gradients over ranks; objectives gather negatives and
@@ -40,7 +48,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +57,7 @@ from torch import nn
 from densekit.serve.atomic import atomic_path, write_text_atomic
 from densekit.serve.errors import DensekitError, one_line
 from densekit.train import dist
+from densekit.train.budget import CALIBRATION_STEPS, Budget, StepTimer
 from densekit.train.config import RESUMABLE_CHANGES, TrainConfig, dump_yaml, flat, from_dict, to_dict
 from densekit.train.objective import Objective
 
@@ -139,18 +148,20 @@ def resolve_hparams(cls: type[Objective], given: dict[str, Any]) -> dict[str, An
 # ----------------------------------------------------------------------------------------------------
 
 
-def warmup_steps(cfg: TrainConfig) -> int:
-    """Warm-up length: ``optim.warmup_steps`` or, when negative, 5% of ``max_steps``."""
+def warmup_steps(cfg: TrainConfig, max_steps: int | None = None) -> int:
+    """Warm-up length: ``optim.warmup_steps`` or, when negative, 5% of the schedule length."""
     w = cfg.optim.warmup_steps
-    return int(round(0.05 * cfg.max_steps)) if w < 0 else int(w)
+    return int(round(0.05 * (max_steps or cfg.max_steps))) if w < 0 else int(w)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then half-cosine to ``min_lr_ratio*lr``.
 
-    The warm-up + cosine shape is the one of SimCLR/BYOL/DINO (Loshchilov & Hutter's SGDR without restarts).
+    ``max_steps`` is the schedule length (default ``cfg.max_steps``; a time budget sets its own). The warm-up +
+    cosine shape is the one of SimCLR/BYOL/DINO (Loshchilov & Hutter's SGDR without restarts).
     """
-    base, w, n = cfg.optim.lr, warmup_steps(cfg), cfg.max_steps
+    n = max_steps or cfg.max_steps
+    base, w = cfg.optim.lr, warmup_steps(cfg, n)
     if w > 0 and step < w:
         return base * (step + 1) / w
     t = (step - w) / max(1, n - w)
@@ -257,6 +268,27 @@ class TrainResult:
     images_per_s: float
     metrics: dict[str, float] = field(default_factory=dict)
     evals: list[dict[str, float]] = field(default_factory=list)
+    max_steps: int = 0  #: the schedule length (``max_steps``, or what the budget calibration set)
+    clock: str = "wall"  #: the clock ``seconds`` (and ``budget_s``) count
+    seconds: float = 0.0  #: time on ``clock`` from the start of the run to its end (resumed parts included)
+    wall_s: float = 0.0  #: wall seconds of this ``fit`` call
+    budget_s: float = 0.0  #: the budget (0: none)
+    stopped_by_budget: bool = False  #: the budget ran out before ``max_steps``
+    seconds_per_step: float | None = None  #: the budget calibration's estimate (on ``clock``)
+
+
+@dataclass
+class _Run:
+    """What every step of one ``fit`` uses."""
+
+    model: Objective
+    fwd: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler
+    params: list[nn.Parameter]
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
 
 
 def _dataloader_error(exc: DensekitError) -> DensekitError:
@@ -326,7 +358,11 @@ class Trainer:
         self.evaluator = evaluator
         self.out = Path(cfg.out)
         self.step = 0
+        self.max_steps = cfg.max_steps  # the schedule length; a budget run's calibration sets it
+        self.budget = Budget(cfg.budget_s, cfg.clock)
+        self.resumed_schedule = False
         self.model: Objective | None = None
+        self._first_step = True
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -409,6 +445,9 @@ class Trainer:
                 "rng": rngs,
                 "torch_version": torch.__version__,
                 "time": time.time(),
+                "max_steps": self.max_steps,
+                "clock": self.cfg.clock,
+                "budget_used_s": self.budget.elapsed(),
             }
             save_state(self.out / STATE_FILE, tensors, meta)
         dist.barrier()
@@ -436,6 +475,10 @@ class Trainer:
         if scaler is not None and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
+        # a budget run's schedule length was measured once; the resumed part keeps it (and the time spent)
+        self.max_steps = int(meta.get("max_steps", self.cfg.max_steps))
+        self.budget.used = float(meta.get("budget_used_s", 0.0))
+        self.resumed_schedule = "max_steps" in meta
         rngs = meta["rng"]
         if meta["world_size"] != dist.world_size():
             log.warning("resuming a %d-process run with %d processes: RNG streams of ranks > 0 are re-seeded; "
@@ -445,7 +488,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        """Train until ``max_steps`` (or ``halt_at``); returns a :class:`TrainResult` (on every rank)."""
+        """Train until ``max_steps``, ``halt_at`` or the end of the time budget (``budget_s``); returns a
+        :class:`TrainResult` (on every rank)."""
         cfg = self.cfg
         device = resolve_device(cfg.device)
         started_dist = False
@@ -469,9 +513,11 @@ class Trainer:
                 td.destroy_process_group()
 
     def _fit(self, device: torch.device) -> TrainResult:
-        from densekit.train.data import StepBatchSampler, build_dataset, make_loader
+        from densekit.train.data import build_dataset
 
         cfg = self.cfg
+        self.budget = Budget(cfg.budget_s, cfg.clock)  # the budget counts from here: building is training time
+        wall0 = time.perf_counter()
         rank, world = dist.rank(), dist.world_size()
         state_path = self.out / STATE_FILE
         if not self.resume and state_path.exists():
@@ -514,99 +560,176 @@ class Trainer:
             fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=cfg.ddp.find_unused_parameters,
                       **dist.ddp_buffer_kwargs(cfg.ddp.broadcast_buffers))
+        run = _Run(model, fwd, optimizer, scaler, [p for p in model.parameters() if p.requires_grad], device,
+                   use_amp, amp_dtype)
+        per_step = None
+        if cfg.budget_s > 0 and not self.resumed_schedule and self.step == 0 and cfg.max_steps > CALIBRATION_STEPS:
+            per_step = self._calibrate(run, dataset)
+            self.max_steps = self.budget.schedule_length(per_step, cfg.max_steps)
+            if rank == 0:
+                self._record({"budget": {"budget_s": cfg.budget_s, "clock": cfg.clock, "seconds_per_step": per_step,
+                                         "calibration_steps": CALIBRATION_STEPS, "max_steps": self.max_steps,
+                                         "elapsed_s": self.budget.elapsed()}})
+        result = self._loop(run, dataset)
+        result.seconds_per_step = per_step
+        result.wall_s = time.perf_counter() - wall0
+        if rank == 0:
+            self._record({"end": {"step": self.step, "max_steps": self.max_steps, "clock": cfg.clock,
+                                  "seconds": result.seconds, "wall_s": result.wall_s, "budget_s": cfg.budget_s,
+                                  "stopped_by_budget": result.stopped_by_budget, "halted": result.halted}})
+        return result
 
-        end = cfg.max_steps if not cfg.halt_at else min(cfg.max_steps, cfg.halt_at)
-        sampler = StepBatchSampler(self.step, end, cfg.batch_size, rank, world)
+    def _train_step(self, run: _Run, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
+        """One optimiser step at ``self.step`` (the objective's ``on_step_end`` included, ``self.step`` not
+        advanced) -> (objective outputs, learning rate, grad norm)."""
+        cfg = self.cfg
+        batch = {k: (v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        lr = lr_at(self.step, cfg, self.max_steps)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        try:
+            with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+                out = run.fwd(batch)
+            loss = out["loss"]
+        except DensekitError:
+            raise
+        except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as exc:
+            if not self._first_step:
+                raise
+            raise DensekitError(
+                f"objective {cfg.objective} failed on backbone {cfg.backbone} at its first step: {one_line(exc)}"
+            ) from exc
+        if not torch.isfinite(loss.detach()).all():
+            raise DensekitError(f"the loss became non-finite at step {self.step}; lower optim.lr or check the data")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        grad_norm = torch.zeros(())
+        if cfg.optim.grad_clip > 0:
+            run.scaler.unscale_(run.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.model.on_step_end(self.step, self.max_steps)
+        self._first_step = False
+        return out, lr, grad_norm
+
+    def _batches(self, dataset: Any, start: int, end: int, device: torch.device) -> Iterator[dict[str, Any]]:
+        """This rank's batches of steps ``[start, end)`` (a pure function of seed and step)."""
+        from densekit.train.data import StepBatchSampler, make_loader
+
+        cfg = self.cfg
+        sampler = StepBatchSampler(start, end, cfg.batch_size, dist.rank(), dist.world_size())
         loader = make_loader(dataset, sampler, num_workers=cfg.data.num_workers, seed=cfg.seed,
                              pin_memory=device.type == "cuda")
-        params = [p for p in model.parameters() if p.requires_grad]
+        it = iter(loader)
+        try:
+            while True:
+                try:
+                    yield next(it)
+                except StopIteration:
+                    return
+                except DensekitError as exc:
+                    raise _dataloader_error(exc) from None
+        finally:
+            del it
+
+    def _calibrate(self, run: _Run, dataset: Any) -> float:
+        """Time :data:`~densekit.train.budget.CALIBRATION_STEPS` real steps on the budget's clock, then put the
+        model, optimiser, grad scaler and RNGs back as they were: the run that follows is the run a plain
+        ``max_steps`` config would give. Returns seconds per step (rank 0's, so every rank sizes alike)."""
+        model_sd = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        opt_sd = copy.deepcopy(run.optimizer.state_dict())
+        scaler_sd = copy.deepcopy(run.scaler.state_dict())
+        rng = _rng_state()
+        step0, timer = self.step, StepTimer(self.cfg.clock)
+        try:
+            for batch in self._batches(dataset, step0, step0 + CALIBRATION_STEPS, run.device):
+                self._train_step(run, batch)
+                self.step += 1
+                timer.tick()
+        finally:
+            self.step = step0
+        run.model.load_state_dict(model_sd)
+        run.optimizer.load_state_dict(opt_sd)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.load_state_dict(scaler_sd)
+        _set_rng_state(rng)
+        est = torch.tensor([timer.seconds_per_step()], dtype=torch.float64, device=run.device)
+        return float(dist.broadcast_(est).item())
+
+    def _budget_spent(self, device: torch.device) -> bool:
+        """Rank 0's view of the budget, so that every rank stops after the same step."""
+        if self.cfg.budget_s <= 0:
+            return False
+        flag = torch.tensor([1.0 if self.budget.spent() else 0.0], device=device)
+        return bool(dist.broadcast_(flag).item() > 0)
+
+    def _loop(self, run: _Run, dataset: Any) -> TrainResult:
+        """Steps until the schedule ends, ``halt_at`` or the budget; then the state and (unless halted) the export."""
+        cfg, rank, world = self.cfg, dist.rank(), dist.world_size()
+        end = self.max_steps if not cfg.halt_at else min(self.max_steps, cfg.halt_at)
         writer = self._tensorboard() if rank == 0 else None
         bar = None
         if rank == 0 and cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.objective}", unit="step",
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=f"train {cfg.objective}", unit="step",
                        dynamic_ncols=True)
-        result = TrainResult(self.out, self.step, False, 0.0)
+        result = TrainResult(self.out, self.step, False, 0.0, max_steps=self.max_steps, clock=cfg.clock,
+                             budget_s=cfg.budget_s)
         t_start, imgs = time.perf_counter(), 0
-        first_step = True
-        model.train()
+        run.model.train()
+        batches = self._batches(dataset, self.step, end, run.device)
         try:
-            it = iter(loader)
-            while self.step < end:
-                try:
-                    batch = next(it)
-                except StopIteration:  # pragma: no cover - the sampler yields exactly the steps asked
+            while self.step < end and not self._budget_spent(run.device):
+                batch = next(batches, None)
+                if batch is None:  # pragma: no cover - the sampler yields exactly the steps asked
                     break
-                except DensekitError as exc:
-                    raise _dataloader_error(exc) from None
-                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                lr = lr_at(self.step, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                try:
-                    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                        out = fwd(batch)
-                    loss = out["loss"]
-                except DensekitError:
-                    raise
-                except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as exc:
-                    if not first_step:
-                        raise
-                    raise DensekitError(
-                        f"objective {cfg.objective} failed on backbone {cfg.backbone} at its first step: {one_line(exc)}"
-                    ) from exc
-                if not torch.isfinite(loss.detach()).all():
-                    raise DensekitError(f"the loss became non-finite at step {self.step}; lower optim.lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                grad_norm = torch.zeros(())
-                if cfg.optim.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                model.on_step_end(self.step, cfg.max_steps)
+                out, lr, grad_norm = self._train_step(run, batch)
                 self.step += 1
-                first_step = False
                 imgs += len(next(iter(batch.values()))) * world
-                elapsed = max(time.perf_counter() - t_start, 1e-9)
-                result.images_per_s = imgs / elapsed
-
+                result.images_per_s = imgs / max(time.perf_counter() - t_start, 1e-9)
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    scalars = {k: float(dist.all_reduce_mean(v.detach().float()).item())
-                               for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-                    scalars.update(lr=lr, grad_norm=float(grad_norm), images_per_s=result.images_per_s)
-                    result.metrics = scalars
-                    if rank == 0:
-                        self._log(writer, scalars)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}")
+                    self._log_step(writer, bar, result, out, lr, grad_norm)
                 if bar is not None:
                     bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
-                    self._save_state(model, optimizer, scaler)
-                if cfg.eval.davis and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
-                    result.evals.append(self._evaluate(model, writer, device))
+                    self._save_state(run.model, run.optimizer, run.scaler)
+                if cfg.eval.davis and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.max_steps:
+                    result.evals.append(self._evaluate(run.model, writer, run.device))
                 for hook in self.hooks:
                     hook(self, self.step)
-            del it
-            self._save_state(model, optimizer, scaler)
+            batches.close()  # DataLoader workers stop before the state is written
+            result.stopped_by_budget = self.step < end and self._budget_spent(run.device)
+            self._save_state(run.model, run.optimizer, run.scaler)
             result.step = self.step
-            if self.step >= cfg.max_steps:
+            if self.step >= self.max_steps or result.stopped_by_budget:
                 if rank == 0:
-                    self._export(model)
+                    self._export(run.model, stopped_early=self.step < self.max_steps)
                 if cfg.eval.davis:
-                    result.evals.append(self._evaluate(model, writer, device))
+                    result.evals.append(self._evaluate(run.model, writer, run.device))
                 dist.barrier()
             else:
                 result.halted = True
+            result.seconds = self.budget.elapsed()
         finally:
+            batches.close()
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
         return result
+
+    def _log_step(self, writer: Any, bar: Any, result: TrainResult, out: dict[str, torch.Tensor], lr: float,
+                  grad_norm: torch.Tensor) -> None:
+        scalars = {k: float(dist.all_reduce_mean(v.detach().float()).item())
+                   for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        scalars.update(lr=lr, grad_norm=float(grad_norm), images_per_s=result.images_per_s)
+        result.metrics = scalars
+        if dist.rank() == 0:
+            self._log(writer, scalars)
+            if bar is not None:
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}")
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -624,8 +747,12 @@ class Trainer:
         if writer is not None:
             for k, v in scalars.items():
                 writer.add_scalar(f"train/{k}", v, self.step)
+        self._record({"step": self.step, **scalars})
+
+    def _record(self, obj: dict[str, Any]) -> None:
+        """Append one JSON line to ``log.jsonl``."""
         with open(self.out / LOG_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": self.step, **scalars}) + "\n")
+            fh.write(json.dumps(obj) + "\n")
 
     def _evaluate(self, model: Objective, writer: Any, device: torch.device) -> dict[str, float]:
         ev = self.cfg.eval
@@ -638,13 +765,12 @@ class Trainer:
             if writer is not None:
                 for k in ("J&F", "J", "F"):
                     writer.add_scalar(f"eval/{k}", scores[k], self.step)
-            with open(self.out / LOG_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"eval": scores}) + "\n")
+            self._record({"eval": scores})
             log.info("step %d: J&F %.4f (J %.4f, F %.4f)", self.step, scores["J&F"], scores["J"], scores["F"])
         dist.barrier()
         return scores
 
-    def _export(self, model: Objective) -> None:
+    def _export(self, model: Objective, stopped_early: bool = False) -> None:
         from densekit.serve.backbones import DenseBackbone
         from densekit.serve.checkpoint import save_checkpoint
 
@@ -655,6 +781,8 @@ class Trainer:
         exported.meta = dataclasses.replace(exported.meta, objective=self.objective_cls.name or self.cfg.objective)
         save_checkpoint(exported, self.out / BACKBONE_FILE, extra_meta={
             "train_steps": self.step, "train_seed": self.cfg.seed, "train_hparams": self.cfg.hparams,
+            "train_max_steps": self.max_steps, "stopped_early": stopped_early,
+            "train_clock": self.cfg.clock, "train_seconds": self.budget.elapsed(), "train_budget_s": self.cfg.budget_s,
         })
 
 
