@@ -1,5 +1,9 @@
 """Scoring a backbone by label propagation on a DAVIS-format folder: the training-time evaluation hook
-and the quality benchmark use it (the trainer receives it by injection; train/ does not import retrieval/)."""
+and the quality benchmark use it (the trainer receives it by injection; train/ does not import retrieval/).
+
+It is :func:`densekit.retrieval.davis_protocol.score_davis` with a backbone module: the same protocol,
+processing size and evaluator as ``densekit eval davis``, so training logs the J&F the command prints.
+"""
 
 from __future__ import annotations
 
@@ -29,53 +33,27 @@ def davis_jf(
 ) -> dict[str, float]:
     """J&F of label propagation with ``backbone``'s features on a DAVIS-format folder.
 
-    Frames (and the first mask, nearest) are optionally resized so the shorter side is ``short_side`` (CPU
-    budget), propagated with :class:`densekit.retrieval.propagation.MaskPropagator` (``preset``), and the
-    predicted masks resized back (nearest) to the annotation size before the official evaluator
-    (:func:`densekit.retrieval.davis_eval.evaluate_davis`) scores them. RNG states are left untouched.
+    ``preset`` with ``short_side > 0`` is ``densekit eval davis --preset P --short-side S`` (the preset's
+    short-side rule, :func:`densekit.retrieval.propagation.preset`); 0 keeps the preset's own size.
+    Masks go to ``workdir`` (a temporary folder, removed, when None). RNG states are left untouched.
 
     Returns:
         ``{"J&F": ..., "J": ..., "F": ...}``.
     """
-    import cv2
-
-    from densekit.retrieval.davis_eval import evaluate_davis
-    from densekit.retrieval.propagation import MaskPropagator, preset as make_preset
-    from densekit.serve.davis import DavisRoot
+    from densekit.retrieval.davis_protocol import score_davis, select_sequences
+    from densekit.retrieval.propagation import preset as make_preset
     from densekit.serve.extractor import FeatureExtractor
-    from densekit.serve.imageio import read_image, write_mask
 
-    davis = DavisRoot(root)
-    seqs = list(sequences) if sequences else davis.sequences(split)
+    seqs = select_sequences(root, split, list(sequences) if sequences else None)
     if max_sequences > 0:
         seqs = seqs[:max_sequences]
-    model = copy.deepcopy(backbone).eval()
-    ext = FeatureExtractor(model, device=device)  # type: ignore[arg-type]
-    overrides = {"short_side": short_side} if (short_side > 0 and preset == "dino") else {}
-    cfg = make_preset(preset, **overrides)
+    cfg = make_preset(preset, **({"short_side": short_side} if short_side > 0 else {}))
+    ext = FeatureExtractor(copy.deepcopy(backbone).eval(), device=device)  # type: ignore[arg-type]
     own = workdir is None
     out = Path(tempfile.mkdtemp(prefix="densekit-eval-")) if own else Path(workdir)  # type: ignore[arg-type]
     try:
         with torch.random.fork_rng(devices=[]):
-            for seq in seqs:
-                frames = [read_image(p) for p in davis.frame_paths(seq)]
-                first = davis.first_mask(seq)
-                H, W = first.shape
-                if short_side > 0 and min(H, W) != short_side:
-                    s = short_side / min(H, W)
-                    size = (max(1, round(W * s)), max(1, round(H * s)))
-                    frames = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames]
-                    first = cv2.resize(first, size, interpolation=cv2.INTER_NEAREST)
-                prop = MaskPropagator(ext, cfg)
-                names = davis.frame_names(seq)
-                (out / seq).mkdir(parents=True, exist_ok=True)
-                for name, mask in zip(names, prop.stream(frames, first)):
-                    if mask.shape != (H, W):
-                        mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
-                    write_mask(out / seq / f"{name}.png", mask)
-        res = evaluate_davis(root, out, sequences=seqs, workers=1)
-        row = res.global_row
-        return {"J&F": row["J&F-Mean"], "J": row["J-Mean"], "F": row["F-Mean"]}
+            return score_davis(ext, root, cfg, out, sequences=seqs, split=split, workers=1).summary()
     finally:
         if own:
             shutil.rmtree(out, ignore_errors=True)

@@ -67,6 +67,11 @@ Presets (:data:`PRESETS`, :func:`preset`):
   (live, 360p), 0.778 -> 0.781 (dino, 480p), 0.818 -> 0.818 (crw, 480p); 32 directions moved it by
   +0.026 / +0.001 / -0.014, too unsteady to choose.
 
+A ``short_side`` override (``preset(name, short_side=S)``, ``--short-side S``) always means the ``dino``
+resize to that shorter side, native presets included (:func:`preset`'s short-side rule); with the config,
+:func:`processing_size` alone decides the size a frame is processed at, and masks come back at the frame's
+own size. :func:`densekit.retrieval.davis_protocol.score_davis` relies on that: nobody resizes around it.
+
 :class:`MaskPropagator` is the streaming API (``start`` / ``step`` / ``reset_mask`` / ``stream``) around a
 feature extractor (``densekit.serve.extractor.FeatureExtractor`` or anything with the same protocol).
 """
@@ -89,6 +94,7 @@ __all__ = [
     "PRESETS",
     "MaskPropagator",
     "PropagationConfig",
+    "config_from_options",
     "preset",
     "processing_size",
     "propagate_step",
@@ -209,14 +215,38 @@ PRESETS: dict[str, PropagationConfig] = {
 
 
 def preset(name: str, **overrides: Any) -> PropagationConfig:
-    """A preset config (``"dino"``, ``"crw"``, ``"live"``) with fields overridden, e.g. ``preset("crw", topk=5)``."""
+    """A preset config (``"dino"``, ``"crw"``, ``"live"``) with fields overridden, e.g. ``preset("crw", topk=5)``.
+
+    The short-side rule: a ``short_side`` override without a ``resize`` override turns ``resize="dino"``
+    on (shorter side -> ``short_side``, longer side floored to ``long_multiple``), also for a native preset
+    such as ``crw``, which would otherwise ignore it and run at full size while its caller believes it
+    asked for less. Pass ``resize="native"`` with it to keep the native size.
+    """
     if name not in PRESETS:
         raise DensekitError(f"unknown propagation preset {name!r}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(PropagationConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise DensekitError(f"unknown propagation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "short_side" in overrides and "resize" not in overrides:
+        overrides["resize"] = "dino"
     return replace(PRESETS[name], **overrides)
+
+
+def config_from_options(
+    name: str,
+    *,
+    n_context: int | None = None,
+    topk: int | None = None,
+    radius: float | None = None,
+    temperature: float | None = None,
+    short_side: int | None = None,
+) -> PropagationConfig:
+    """The config of the command line's (and the app's, and the benchmarks') propagation options: preset
+    ``name`` with every option that was given (not None) overriding its field; ``n_context`` is ``n_last``.
+    ``short_side`` follows :func:`preset`'s short-side rule."""
+    given = {"n_last": n_context, "topk": topk, "radius": radius, "temperature": temperature, "short_side": short_side}
+    return preset(name, **{k: v for k, v in given.items() if v is not None})
 
 
 def _as_config(config: PropagationConfig | str) -> PropagationConfig:

@@ -20,6 +20,7 @@ from densekit.retrieval.propagation import (
     MaskPropagator,
     PropagationConfig,
     _argmax_channels,
+    config_from_options,
     preset,
     processing_size,
     propagate_step,
@@ -124,6 +125,25 @@ def test_live_preset_is_dino_with_less_context_and_a_smaller_frame() -> None:
     assert live.radius is not None and live.radius <= dino.radius
     assert live.short_side < dino.short_side
     assert dino.pca_dim is None and live.pca_dim == 64
+
+
+def test_short_side_rule_lives_with_the_presets() -> None:
+    # A short side asked of a native preset resizes, with DINO's rule, rather than being ignored.
+    crw = preset("crw", short_side=240)
+    assert (crw.resize, crw.short_side, crw.topk) == ("dino", 240, 10)
+    assert processing_size(480, 854, crw, 8) == (240, 384)  # 854 * 240/480 = 427 -> floored to 64 -> 384
+    assert processing_size(480, 854, PRESETS["crw"], 8) == (480, 848)
+    assert preset("crw", short_side=240, resize="native").resize == "native"  # said explicitly: kept
+    assert preset("dino", short_side=240).resize == "dino" and preset("dino").short_side == 480
+
+
+def test_config_from_options_overrides_only_what_was_given() -> None:
+    assert config_from_options("crw") == PRESETS["crw"]
+    cfg = config_from_options("live", n_context=4, topk=None, radius=6.0, temperature=None, short_side=None)
+    assert cfg == preset("live", n_last=4, radius=6.0)
+    assert config_from_options("crw", short_side=200) == preset("crw", short_side=200, resize="dino")
+    with pytest.raises(DensekitError, match="unknown propagation preset"):
+        config_from_options("nope")
 
 
 @pytest.mark.parametrize(
