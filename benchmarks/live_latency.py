@@ -11,7 +11,8 @@ provider with ``intra_op_num_threads = --threads`` (2), torch on ``--torch-threa
 real clip (davis2016-mini ``motorbike``, 43 frames of 854x480, from ``../shared/data``; a ``make_sample``
 sequence when that is absent) turned into a 480p and a 360p video (shorter side 480 / 360, INTER_AREA),
 tracked from its first ground-truth mask with each preset, the preset's processing short side set to the
-video's (``preset(name, short_side=R)``; native-resolution presets process the R-p frames as they are).
+video's (``preset(name, short_side=R)``, the presets' short-side rule: native-resolution presets too are
+resized DINO's way, longer side floored to 64).
 Timings are of the steady state (frames after the short-term queue is full): mean over frames of each
 frame's fastest of ``--repeats`` runs, stage by stage, as wall time and as CPU time of the process (all
 threads; less sensitive to other jobs on a shared machine, but it counts threads spinning while they wait).
@@ -22,13 +23,13 @@ of ``videos/bikes.mp4`` - not a DAVIS clip - or of a make_sample sequence), in t
 tables.
 
 Quality (``--quality-models``, default efficientnet_lite0 and resnet18, both ONNX): J&F-Mean, J-Mean and
-F-Mean (densekit's official-DAVIS-exact evaluator) on all of davis2016-mini, for every preset and
-resolution: each sequence is turned into the R-p video, tracked, and the masks resized (nearest) back to
-the ground truth's 854x480 for scoring - what the live tracker shows.
+F-Mean on all of davis2016-mini, for every preset and processing short side R, by
+``densekit.retrieval.davis_protocol.score_davis`` (the protocol of ``densekit eval davis --short-side R``
+and of the app: 854x480 frames in, processed at R, masks out at 854x480).
 
 ``--app`` adds the application-overhead rows (issue 6: at most 20 % over ``densekit track``): the app's
 per-frame loop (``densekit.apps.app.tracking_loop``: frames from the session's store, masks into its memory
-map, the display overlay rendered) against the ``densekit track`` loop (``densekit.apps.cli._propagate_to_dir``:
+map, the display overlay rendered) against the ``densekit track`` loop (``densekit.retrieval.davis_protocol.propagate_to_dir``:
 frames decoded from a folder, one palette PNG written per frame) on the same R-p video, model and preset.
 Gradio's own transport of each picture to the page is not part of either.
 
@@ -167,10 +168,10 @@ def at_resolution(clip: Clip, short: int) -> Clip:
 
 
 def live_config(name: str, short: int):  # noqa: ANN201 - a PropagationConfig
-    """Preset ``name`` with its processing short side set to the video's (native presets keep theirs)."""
+    """Preset ``name`` at processing short side ``short`` (the presets' short-side rule)."""
     from densekit.retrieval.propagation import preset
 
-    return preset(name, short_side=short) if preset(name).resize == "dino" else preset(name)
+    return preset(name, short_side=short)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,26 +263,11 @@ def best_of(extractor, clip: Clip, config, repeats: int) -> dict[str, float]:  #
 # quality
 
 
-def jf_of(extractor, root: Path, config, short: int, out: Path) -> dict[str, float]:  # noqa: ANN001
-    """J&F-Mean, J-Mean, F-Mean on every sequence of ``root``, tracking its R-p video."""
-    import cv2
+def jf_of(extractor, root: Path, config, out: Path) -> dict[str, float]:  # noqa: ANN001
+    """J&F-Mean, J-Mean, F-Mean on every sequence of ``root`` (``score_davis``: masks into ``out``)."""
+    from densekit.retrieval.davis_protocol import score_davis
 
-    from densekit.retrieval.davis_eval import evaluate_davis
-    from densekit.serve.davis import DavisRoot
-    from densekit.serve.imageio import write_mask
-
-    seqs = DavisRoot(root).sequences()
-    for seq in seqs:
-        clip = load_clip(root, seq)
-        h, w = clip.frames[0].shape[:2]
-        masks, _ = track(extractor, at_resolution(clip, short), config, draw=False)
-        (out / seq).mkdir(parents=True, exist_ok=True)
-        for name, m in zip(clip.frame_names, masks):
-            if m.shape != (h, w):
-                m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-            write_mask(out / seq / f"{name}.png", m)
-    g = evaluate_davis(root, out, sequences=seqs, workers=1).global_row
-    return {"J&F": g["J&F-Mean"], "J": g["J-Mean"], "F": g["F-Mean"]}
+    return score_davis(extractor, root, config, out, workers=1).summary()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +292,7 @@ def app_overhead(extractor, clip: Clip, config, work: Path, repeats: int) -> str
         return f"app overhead: not measured ({exc})"
     from rich.progress import Progress
 
-    from densekit.apps.cli import _propagate_to_dir
+    from densekit.retrieval.davis_protocol import propagate_to_dir
     from densekit.retrieval.propagation import MaskPropagator
     from densekit.serve.imageio import open_video, write_mask
 
@@ -324,7 +310,9 @@ def app_overhead(extractor, clip: Clip, config, work: Path, repeats: int) -> str
 
     def cli_loop() -> int:
         with tempfile.TemporaryDirectory(dir=work) as out, Progress(disable=True) as progress:
-            n = _propagate_to_dir(MaskPropagator(extractor, config), video, clip.gt[0], Path(out), progress, "track")
+            bar = progress.add_task("track", total=len(video), rate="")
+            n = propagate_to_dir(MaskPropagator(extractor, config), iter(video), clip.gt[0], Path(out), video.names,
+                                 lambda done, _m: progress.update(bar, completed=done, rate=""))
         return n - 1
 
     def app_loop() -> int:
@@ -439,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
 
     if not args.no_quality:
-        print(f"\nquality on {root} ({len(seqs)} sequences, every frame; masks resized to the ground truth's size), "
+        print(f"\nquality on {root} ({len(seqs)} sequences, every frame; score_davis at processing short side R), "
               "ONNX models:")
         print(f"{'model':>20} {'video':>5} {'preset':>6} {'J&F':>6} {'J':>6} {'F':>6}")
         quality_models = _split(args.quality_models)
@@ -452,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for short in resolutions:
                 for name in quality_presets:
                     out = args.work / "masks" / model / f"{name}_{short}p"
-                    s = jf_of(ext, root, live_config(name, short), short, out)
+                    s = jf_of(ext, root, live_config(name, short), out)
                     print(f"{model:>20} {f'{short}p':>5} {name:>6} {s['J&F']:>6.3f} {s['J']:>6.3f} {s['F']:>6.3f}",
                           flush=True)
     return 0
