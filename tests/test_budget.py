@@ -1,0 +1,68 @@
+"""The time-budget clocks and schedule sizing (densekit.train.budget); the Trainer side is in test_trainer.py."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+
+from densekit.train.budget import Budget, StepTimer, children_cpu_seconds, clock_fn, cpu_seconds, seconds_per_step
+
+
+def _burn_then_wait(seconds: float, done, release) -> None:  # noqa: ANN001 - multiprocessing events
+    t0 = time.process_time()
+    x = 0
+    while time.process_time() - t0 < seconds:
+        x += 1
+    done.set()
+    release.wait(30)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/stat"), reason="live children need /proc")
+def test_cpu_clock_counts_a_live_child_process() -> None:
+    ctx = mp.get_context("fork")
+    done, release = ctx.Event(), ctx.Event()
+    before_all, before_main = cpu_seconds(), time.process_time()
+    child = ctx.Process(target=_burn_then_wait, args=(0.4, done, release))
+    child.start()
+    try:
+        assert done.wait(30)
+        # the child is alive (waiting), its 0.4 CPU-s are counted already; this process was mostly idle
+        assert cpu_seconds() - before_all >= 0.3
+        assert time.process_time() - before_main < 0.3
+    finally:
+        release.set()
+        child.join(30)
+    # once it has exited and been waited for, it is counted through os.times (not twice)
+    assert 0.3 <= children_cpu_seconds() - (before_all - before_main) <= 0.4 + 0.3
+
+
+def test_seconds_per_step_leaves_out_the_first_step() -> None:
+    assert seconds_per_step([0.0, 5.0, 6.0, 7.0, 8.5]) == pytest.approx(1.0)
+    assert seconds_per_step([0.0, 2.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        seconds_per_step([1.0])
+
+
+def test_budget_spent_and_schedule_length() -> None:
+    b = Budget(0.2, "wall")
+    assert not b.spent()
+    assert b.schedule_length(0.01, cap=1000) in range(15, 21)
+    assert b.schedule_length(0.01, cap=7) == 7
+    assert b.schedule_length(10.0, cap=7) == 1
+    time.sleep(0.25)
+    assert b.spent() and b.elapsed() >= 0.25
+    assert Budget(5.0, "wall", used=5.0).spent()  # time spent before a resume counts
+    assert not Budget(0.0, "wall").spent()  # no budget
+
+
+def test_clock_names() -> None:
+    assert clock_fn("wall") is time.perf_counter and clock_fn("cpu") is cpu_seconds
+    with pytest.raises(ValueError):
+        clock_fn("gpu")
+    timer = StepTimer("cpu")
+    for _ in range(3):
+        sum(range(20000))
+        timer.tick()
+    assert timer.seconds_per_step() > 0
