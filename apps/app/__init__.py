@@ -1,0 +1,145 @@
+"""The densekit web app (Gradio 6): track objects through a video or the webcam, search segments, look at features.
+
+``densekit app`` (apps/cmd_app.py) or :func:`build_app` then ``demo.launch()``. One model is loaded per process
+(:func:`shared_extractor`) and shared by every browser session behind a lock; everything a session does lives
+in its own :class:`TrackSession` / :class:`WebcamSession` held in ``gr.State``, so sessions never mix.
+
+Rooms (modules of this package; only the ``tab_*`` modules and :mod:`.blocks`' ``build_app`` need Gradio):
+
+* ``selection``: click -> mask (superpixels, pooled features, Otsu threshold, connected parts); brush and
+  uploaded masks. numpy / SciPy / scikit-image / OpenCV only.
+* ``engine``: the shared model behind one lock, the propagation preset, limits, samples, index opening.
+* ``video``: a loaded video as a memory map; the masks zip. ``display``: labels, colours, fitting to the page.
+* ``track_session`` / ``webcam_session``: one browser session's state per tab, the tracking loops.
+* ``search``: index building and search by a click.
+* ``handlers``: the error-reporting decorator every handler uses (an exception becomes a warning toast and
+  the tab's status line) and small value conversions.
+* ``tab_track``, ``tab_webcam``, ``tab_search``, ``tab_features``: each builds its components and wires its
+  events; ``blocks``: :func:`build_app`, which puts them together.
+
+Tabs (element ids are the contract with the browser test, tests/test_app_browser.py):
+
+* **Track**: load a video (upload, a bundled sample sequence made by ``make_sample``, or a frames folder /
+  video file on the server); pick objects on any frame by positive/negative clicks (:func:`click_mask`:
+  cosine similarity of superpixel-pooled features to the clicked superpixels, an Otsu threshold over
+  superpixels, and the connected parts under the clicks), by brush (``gr.ImageEditor``) or by uploading a
+  mask; several objects, each its DAVIS colour. Tracking (:meth:`TrackSession.track`) is a generator: the
+  overlay updates frame by frame with frames per second; Stop ends it after the current frame; correcting a
+  mask on any frame and pressing Track again restarts the propagator from that frame (``reset_mask``
+  semantics: the corrected frame becomes the reference). Downloads: a zip of DAVIS palette PNGs (one per
+  frame, named like the frames) and the overlay mp4, both written atomically.
+* **Webcam**: ``gr.Image(sources=["webcam"]).stream(...)``; capture a frame, click objects on it, start
+  tracking: every streamed frame is propagated (:func:`webcam_step`), latency shown. Frames that arrive while
+  the previous one is still being processed are dropped.
+* **Search**: with ``--index DIR`` (or an index built from a folder in the app), click a region of an image:
+  gallery of the nearest indexed segments, outlined, with scores.
+* **Features**: the first three PCA components of the dense features of any frame as RGB (``pca_rgb``).
+
+API endpoints (``gradio_client.Client(url).predict(..., api_name="/<name>")``; session state is kept per
+client; frame/pixel coordinates are in the loaded video's pixels, after the ``max_side`` downscale):
+
+=====================  ==========================================================  ===================================
+api_name               inputs                                                      outputs
+=====================  ==========================================================  ===================================
+load_sample            sample name                                                 status, slider, frame, objects, ...
+load_video             video file                                                  as load_sample
+load_frames            frames folder (or video file) path on the server            as load_sample
+sample_annotation      frame index (uses the sample's annotation of that frame)    status, frame, objects
+show_frame             frame index                                                 frame, brush background, status
+click                  frame, object id, "Positive"/"Negative", threshold (0 =     frame, status
+                       auto), processing short side, x, y
+new_object             -                                                           objects dropdown, status
+clear_object           frame, object id                                            frame, status
+use_brush              frame, object id, ImageEditor value, "Add"/"Erase"/"Replace" frame, status
+upload_mask            frame, object id, mask PNG                                  frame, objects, status
+track (generator)      start frame, processing short side                          overlay, fps text, status, slider,
+                                                                                   frame
+stop                   -                                                           status
+download_masks         -                                                           zip file, status
+download_video         -                                                           mp4 file, status
+pca, pca_frame         frame index, processing short side                          PCA picture, status
+build_index            index folder, images folder                                 index folder, status
+search                 index folder, image, k, x, y                                gallery, query picture, status
+webcam_frame (stream)  webcam frame, processing short side                         overlay, latency, status
+webcam_capture         -                                                           captured frame, status
+webcam_click           "Positive"/"Negative", object id, processing short side,    captured frame, status
+                       x, y
+webcam_new_object      -                                                           objects dropdown, status
+webcam_track           processing short side                                       status
+webcam_stop            -                                                           status
+=====================  ==========================================================  ===================================
+
+``click_select`` and ``search_select`` / ``webcam_select`` are the same as ``click`` / ``search`` /
+``webcam_click`` driven by the image's ``.select`` event (undocumented endpoints: their coordinates come from
+``gr.SelectData``, which a client cannot send).
+
+For benchmarks and tests the pieces are importable without Gradio: :func:`click_mask` (click -> mask),
+:class:`TrackSession` with :meth:`TrackSession.track` (the per-frame loop the app runs, yielding
+:class:`TrackUpdate`), :func:`tracking_loop` (that loop on in-memory frames with any extractor and config),
+:func:`webcam_step`, :func:`write_masks_zip`.
+
+Security: the frames-folder box and the Search tab read paths on the server; the app binds to 127.0.0.1 by
+default and has no authentication.
+"""
+
+from densekit.apps.app.blocks import build_app, launch_kwargs
+from densekit.apps.app.display import DISPLAY_MAX_SIDE, MAX_OBJECT_ID, object_label, pca_picture
+from densekit.apps.app.engine import (
+    DEFAULT_MODEL,
+    DEFAULT_PRESET,
+    DEFAULT_SAMPLES_DIR,
+    RESOLUTIONS,
+    Engine,
+    LockedExtractor,
+    shared_extractor,
+)
+from densekit.apps.app.search import build_index, search_point
+from densekit.apps.app.selection import (
+    WORK_MAX_SIDE,
+    Click,
+    FrameRegions,
+    brush_region,
+    click_mask,
+    fit_mask,
+    frame_regions,
+    select_region,
+)
+from densekit.apps.app.track_session import NO_VIDEO, TrackSession, TrackUpdate, tracking_loop
+from densekit.apps.app.video import LoadedVideo, load_video, write_masks_zip
+from densekit.apps.app.webcam_session import WebcamResult, WebcamSession, webcam_step
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PRESET",
+    "DEFAULT_SAMPLES_DIR",
+    "DISPLAY_MAX_SIDE",
+    "MAX_OBJECT_ID",
+    "NO_VIDEO",
+    "RESOLUTIONS",
+    "WORK_MAX_SIDE",
+    "Click",
+    "Engine",
+    "FrameRegions",
+    "LoadedVideo",
+    "LockedExtractor",
+    "TrackSession",
+    "TrackUpdate",
+    "WebcamResult",
+    "WebcamSession",
+    "brush_region",
+    "build_app",
+    "build_index",
+    "click_mask",
+    "fit_mask",
+    "frame_regions",
+    "launch_kwargs",
+    "load_video",
+    "object_label",
+    "pca_picture",
+    "search_point",
+    "select_region",
+    "shared_extractor",
+    "tracking_loop",
+    "webcam_step",
+    "write_masks_zip",
+]
