@@ -66,6 +66,7 @@ Built-in names (see :func:`build_backbone`):
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +93,75 @@ LATER_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage of a backbone body (timm's ``feature_info`` entry, typed).
+
+    Attributes:
+        name: the stage's module inside the body (``layer3``, ``blocks.2``, ``decoder``, ``tokens``).
+        channels: C of the stage's output.
+        stride: its reduction: the output is (B, C, H / stride, W / stride) for an input (B, 3, H, W) whose
+            H and W are multiples of the body's largest stride (``meta.input_multiple``).
+    """
+
+    name: str
+    channels: int
+    stride: int
+
+
+class DenseBody(nn.Module):
+    """A backbone body: the network inside :class:`DenseBackbone`, exposed stage by stage.
+
+    Every family (ResNet, EfficientNet-Lite, pixels, timm ViT, timm CNN) implements
+    ``forward_stages``; ``stage_info`` describes what it returns, one :class:`StageInfo` per tensor.
+
+    The contract, for every body:
+
+    * ``forward_stages(x)``: (B, 3, H, W) -> ``[(B, info.channels, H / info.stride, W / info.stride) for info
+      in stage_info]``, fine to coarse as the network computes them; a decoder (neck), when the body has one,
+      comes last, after the encoder stages it reads.
+    * ``forward(x)`` is ``forward_stages(x)[-1]``: the last stage *is* the dense output, so ``stage_info[-1]``
+      gives ``meta.dim`` and ``meta.stride``, and the largest stage stride gives ``meta.input_multiple``.
+    * ``forward_stages(x, last=name)`` stops after the stage called ``name`` (timm's ``stop_early``): e.g.
+      PooDLe's pooled branch reads ``layer4`` without running the decoder.
+    """
+
+    stage_info: list[StageInfo]
+
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[-1]
+
+    def stage(self, name: str) -> StageInfo:
+        """The :class:`StageInfo` called ``name``; DensekitError naming the stages there are."""
+        return self.stage_info[self.stage_index(name)]
+
+    def stage_index(self, name: str | None) -> int:
+        """Position of stage ``name`` in ``stage_info`` (None: the last one)."""
+        if name is None:
+            return len(self.stage_info) - 1
+        for i, info in enumerate(self.stage_info):
+            if info.name == name:
+                return i
+        have = ", ".join(info.name for info in self.stage_info)
+        raise DensekitError(f"{type(self).__name__} has no stage {name!r} (its stages: {have})")
+
+
 class DenseBackbone(nn.Module):
     """A dense feature extractor with its contract.
 
     Attributes:
         meta: how to preprocess for this model and what it returns (:class:`ModelMeta`).
-        body: the network; ``forward`` is exactly ``body(x)``.
+        body: the network (a :class:`DenseBody`); ``forward`` is exactly ``body(x)``.
+        stage_info: ``body.stage_info``; ``forward_stages(x, last=None)`` is ``body.forward_stages``.
 
     ``forward(x)``: ``x`` (B, 3, H, W) float32, RGB in [0, 1] normalised with ``meta.mean``/``meta.std``,
     H and W multiples of ``meta.input_multiple`` -> (B, meta.dim, H / meta.stride, W / meta.stride).
     """
 
-    def __init__(self, body: nn.Module, meta: ModelMeta) -> None:
+    def __init__(self, body: DenseBody, meta: ModelMeta) -> None:
         super().__init__()
         self.body = body
         self.meta = meta
@@ -111,8 +169,15 @@ class DenseBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    @property
+    def stage_info(self) -> list[StageInfo]:
+        return self.body.stage_info
 
-class ResNetDense(nn.Module):
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        return self.body.forward_stages(x, last)
+
+
+class ResNetDense(DenseBody):
     """A torchvision ResNet trunk, optionally with strides removed and/or a top-down decoder.
 
     Args:
@@ -120,6 +185,10 @@ class ResNetDense(nn.Module):
         last_layer: 3 or 4, the last residual stage kept.
         remove_strides: set the stride-2 convolutions of layer3 and layer4 to stride 1 (CRW), no dilation.
         decoder_dim: 0 for no decoder, else the width of the FPN-like decoder (output stride 8).
+
+    Stages (e = 1 for ResNet-18, 4 for ResNet-50; the stem is not a stage): ``layer1`` (64e, s4), ``layer2``
+    (128e, s8), ``layer3`` (256e, s16, or s8 with ``remove_strides``), ``layer4`` when kept (512e, s32, or s8),
+    then ``decoder`` when present (decoder_dim, s8).
     """
 
     def __init__(self, depth: int, last_layer: int, remove_strides: bool, decoder_dim: int) -> None:
@@ -136,20 +205,40 @@ class ResNetDense(nn.Module):
                 for m in layer.modules():
                     if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
                         m.stride = (1, 1)
+        expansion = 1 if depth == 18 else 4
+        self.stage_info = []
+        stride = 4  # conv1 and the max-pool
+        for i, layer in enumerate(self._layers()):
+            stride *= _main_path_stride(layer)
+            self.stage_info.append(StageInfo(f"layer{i + 1}", 64 * 2**i * expansion, stride))
         self.decoder: TopDownDecoder | None = None
         if decoder_dim:
-            expansion = 1 if depth == 18 else 4
-            widths = [128 * expansion, 256 * expansion] + ([512 * expansion] if last_layer == 4 else [])
-            self.decoder = TopDownDecoder(widths, decoder_dim)
+            self.decoder = TopDownDecoder([info.channels for info in self.stage_info[1:]], decoder_dim)
+            self.stage_info.append(StageInfo("decoder", decoder_dim, self.stage_info[1].stride))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c2 = self.layer2(self.layer1(self.stem(x)))
-        feats = [c2, self.layer3(c2)]
-        if self.layer4 is not None:
-            feats.append(self.layer4(feats[-1]))
-        if self.decoder is None:
-            return feats[-1]
-        return self.decoder(feats)
+    def _layers(self) -> list[nn.Module]:
+        return [m for m in (self.layer1, self.layer2, self.layer3, self.layer4) if m is not None]
+
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        stop = self.stage_index(last)
+        feats: list[torch.Tensor] = []
+        y = self.stem(x)
+        for layer in self._layers()[: stop + 1]:
+            y = layer(y)
+            feats.append(y)
+        if self.decoder is not None and stop == len(self.stage_info) - 1:
+            feats.append(self.decoder(feats[1:]))  # the decoder reads layer2 (s8) and coarser
+        return feats
+
+
+def _main_path_stride(layer: nn.Module) -> int:
+    """Total stride of a residual stage: its blocks' convolutions, not the parallel downsample branch."""
+    stride = 1
+    for block in layer.children():
+        for name, m in block.named_children():
+            if isinstance(m, nn.Conv2d) and name != "downsample":
+                stride *= m.stride[0]
+    return stride
 
 
 class TopDownDecoder(nn.Module):
@@ -173,54 +262,92 @@ class TopDownDecoder(nn.Module):
         return self.smooth(out)
 
 
-class EfficientNetLiteDense(nn.Module):
-    """The first ``num_stages`` stages of timm's EfficientNet-Lite0 (stem + blocks), stride 8."""
+class EfficientNetLiteDense(DenseBody):
+    """The first ``num_stages`` stages of timm's EfficientNet-Lite0 (stem + blocks), stride 8.
+
+    Stages: ``blocks.0`` .. ``blocks.{num_stages - 1}``; for Lite0 with ``output_stride=8``: blocks.0 (16, s2),
+    blocks.1 (24, s4), blocks.2 (40, s8), blocks.3 (80, s8: dilated instead of strided).
+    """
 
     def __init__(self, timm_arch: str, num_stages: int, output_stride: int) -> None:
         super().__init__()
         net = timm.create_model(timm_arch, pretrained=False, output_stride=output_stride)
         self.conv_stem, self.bn1 = net.conv_stem, net.bn1
         self.blocks = nn.Sequential(*list(net.blocks)[:num_stages])
+        self.stage_info = []
+        stride = self.conv_stem.stride[0]
+        for i, stage in enumerate(self.blocks):
+            for block in stage:
+                conv = getattr(block, "conv_dw", None)  # timm sets dilated convolutions to stride 1
+                if conv is not None:
+                    stride *= conv.stride[0]
+            self.stage_info.append(StageInfo(f"blocks.{i}", _last_out_channels(stage), min(stride, output_stride)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.bn1(self.conv_stem(x)))
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        stop = self.stage_index(last)
+        feats: list[torch.Tensor] = []
+        y = self.bn1(self.conv_stem(x))
+        for stage in list(self.blocks)[: stop + 1]:
+            y = stage(y)
+            feats.append(y)
+        return feats
 
 
-class PixelsDense(nn.Module):
-    """Space-to-depth of the normalised input: (B, 3, H, W) -> (B, 3 * s * s, H / s, W / s)."""
+class PixelsDense(DenseBody):
+    """Space-to-depth of the normalised input: (B, 3, H, W) -> (B, 3 * s * s, H / s, W / s).
+
+    One stage, ``pixels`` (3 s^2, s).
+    """
 
     def __init__(self, stride: int) -> None:
         super().__init__()
         self.stride = stride
+        self.stage_info = [StageInfo("pixels", 3 * stride * stride, stride)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(x, self.stride)
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        self.stage_index(last)
+        return [F.pixel_unshuffle(x, self.stride)]
 
 
-class TimmViTDense(nn.Module):
-    """A timm ViT's patch tokens as a grid: (B, 3, H, W) -> (B, D, H / p, W / p)."""
+class TimmViTDense(DenseBody):
+    """A timm ViT's patch tokens as a grid: (B, 3, H, W) -> (B, D, H / p, W / p).
+
+    One stage, ``tokens`` (D = ``num_features``, stride p): every block of a plain ViT has the same
+    resolution, so the final (normed) tokens are the only map that differs in kind.
+    """
 
     def __init__(self, model_name: str) -> None:
         super().__init__()
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
         self.patch = _vit_patch_size(self.model, model_name)
         self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+        self.stage_info = [StageInfo("tokens", int(getattr(self.model, "num_features", 0)), self.patch)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        self.stage_index(last)
         b, _, h, w = x.shape
         tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]
-        return tokens.transpose(1, 2).reshape(b, -1, h // self.patch, w // self.patch)
+        return [tokens.transpose(1, 2).reshape(b, -1, h // self.patch, w // self.patch)]
 
 
-class TimmCNNDense(nn.Module):
-    """A timm CNN's last feature map (``features_only``)."""
+class TimmCNNDense(DenseBody):
+    """A timm CNN run ``features_only``: its stages are timm's ``feature_info`` (e.g. timm resnet18: act1 (64, s2),
+    layer1 (64, s4), layer2 (128, s8), layer3 (256, s16), layer4 (512, s32)); the output is the last one.
+
+    All of timm's feature levels are returned (its default ``out_indices``): the network is the same as with
+    only the last one (same modules, same state dict), the earlier maps are computed on the way anyway.
+    """
 
     def __init__(self, model_name: str) -> None:
         super().__init__()
-        self.model = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=(-1,))
+        self.model = timm.create_model(model_name, pretrained=False, features_only=True)
+        info = self.model.feature_info
+        self.stage_info = [StageInfo(str(n), int(c), int(s))
+                           for n, c, s in zip(info.module_name(), info.channels(), info.reduction())]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[-1]
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        stop = self.stage_index(last)
+        return list(self.model(x))[: stop + 1]
 
 
 def _vit_patch_size(model: nn.Module, model_name: str) -> int:

@@ -16,6 +16,8 @@ from densekit.serve.backbones import (
     LITE_MEAN,
     LITE_STD,
     DenseBackbone,
+    DenseBody,
+    StageInfo,
     build_backbone,
     build_lite0_classifier,
     load_backbone,
@@ -59,6 +61,55 @@ def test_shapes_and_strides(name: str, decoder: bool, stride: int, dim: int, siz
     out = run(model, h, w)
     assert out.shape == (2, dim, h // stride, w // stride)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+STAGE_CASES = [
+    ("resnet18", False), ("resnet18", True), ("efficientnet_lite0", False), ("pixels", False), (VIT, False),
+    ("timm:resnet18", False),
+]
+
+
+@pytest.mark.parametrize(("name", "decoder"), STAGE_CASES)
+def test_stage_info_matches_forward_stages(name: str, decoder: bool) -> None:
+    """Every family: one tensor per StageInfo with its channels and stride; the last stage is the output."""
+    model = cached(name, decoder)
+    assert isinstance(model.body, DenseBody)
+    info = model.stage_info
+    assert info and all(isinstance(i, StageInfo) for i in info) and len({i.name for i in info}) == len(info)
+    m = model.meta.input_multiple
+    h, w = 2 * m, 3 * m
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        stages, out = model.forward_stages(x), model(x)
+    assert [tuple(t.shape) for t in stages] == [(2, i.channels, h // i.stride, w // i.stride) for i in info]
+    assert torch.equal(stages[-1], out)
+    assert (info[-1].channels, info[-1].stride) == (model.meta.dim, model.meta.stride)
+    assert max(i.stride for i in info) == m
+
+
+def test_resnet_stages_are_its_layers_and_last_stops_early() -> None:
+    """What hiergroup and PooDLe read: layer1..4 as the modules compute them, the decoder last, ``last=`` stops."""
+    model = cached("resnet18", True)
+    body = model.body
+    assert [i.name for i in model.stage_info] == ["layer1", "layer2", "layer3", "layer4", "decoder"]
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model.forward_stages(x)
+        upto4 = model.forward_stages(x, last="layer4")
+        c4 = body.layer4(body.layer3(body.layer2(body.layer1(body.stem(x)))))
+    assert len(upto4) == 4 and all(torch.equal(a, b) for a, b in zip(upto4, full))
+    assert torch.equal(upto4[-1], c4)
+    assert body.stage("layer4") == StageInfo("layer4", 512, 32)
+    with pytest.raises(DensekitError, match="no stage 'layer5'.*layer4, decoder"):
+        model.forward_stages(x, last="layer5")
+
+
+def test_stage_strides_follow_the_arch() -> None:
+    """CRW's stride removal and EfficientNet's dilation show in the strides (computed from the modules)."""
+    assert [i.stride for i in cached("resnet18").stage_info] == [4, 8, 8]
+    assert [i.stride for i in cached("resnet18", True).stage_info] == [4, 8, 16, 32, 8]
+    assert [(i.channels, i.stride) for i in cached("efficientnet_lite0").stage_info] == [
+        (16, 2), (24, 4), (40, 8), (80, 8)]
 
 
 def test_resnet50_shape_small() -> None:
