@@ -1,10 +1,11 @@
-"""The Gradio app in a real browser: Playwright (sync API) drives Debian's Chromium headless (spec/APP.md).
+"""The Gradio app in a real browser: Playwright (sync API) drives Debian's Chromium headless.
 
 Nothing is downloaded: Chromium comes from apt (``chromium``; ``DENSEKIT_CHROMIUM`` overrides the path) and
 Playwright launches it through ``executable_path``. The app (``build_app``, default model efficientnet_lite0)
 runs on a free port over a small embedded sample (2 sequences of 12 frames, 256x144, processing short side
-144), so a tracking run is a few seconds on 2 quiet cores. Elements are found by the ids APP.md fixes: Gradio 6
-puts ``elem_id`` on the component's wrapper, so the test reaches inside (``#frame-image img``).
+144), so a tracking run is a few seconds on 2 quiet cores. Elements are found by their elem_ids (set in the
+tab modules densekit.apps.app.tab_*, the contract with this test): Gradio 6 puts ``elem_id`` on the
+component's wrapper, so the test reaches inside (``#frame-image img``).
 
 What is checked, as a person would do it: pick a sample in the dropdown, load it, click the object on the
 first frame, track, watch the live overlay change and the fps text, download the masks zip and score it
@@ -132,7 +133,7 @@ def _initial_value(url: str, elem_id: str) -> str:
     for c in config["components"]:
         if c.get("props", {}).get("elem_id") == elem_id:
             return str(c["props"].get("value") or "")
-    raise AssertionError(f"the app has no #{elem_id} (spec/APP.md)")
+    raise AssertionError(f"the app has no #{elem_id}")
 
 
 def _new_page(browser: Browser, url: str, **context_args: Any) -> tuple[BrowserContext, Page]:

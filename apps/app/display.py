@@ -13,9 +13,7 @@ if TYPE_CHECKING:
 
 
 DISPLAY_MAX_SIDE = 960  # frames shown in the page are at most this wide/high (clicks are mapped back)
-
 MAX_OBJECT_ID = 254  # 255 is DAVIS's void label
-
 _COLOUR_NAMES = {1: "red", 2: "green", 3: "olive", 4: "navy", 5: "purple", 6: "teal", 7: "grey", 8: "brown"}
 
 
@@ -28,6 +26,7 @@ def object_label(obj: int) -> str:
 
 
 def downscale(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """``image`` shrunk (INTER_AREA) so its longer side is at most ``max_side``; never enlarged."""
     import cv2
 
     h, w = image.shape[:2]
@@ -38,6 +37,7 @@ def downscale(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray
 
 
 def draw_clicks(image: np.ndarray, clicks: Iterable[Click]) -> np.ndarray:
+    """Dots on ``image`` (in place) where the clicks were: green positive, red negative, black-rimmed."""
     import cv2
 
     r = max(3, round(min(image.shape[:2]) / 90))

@@ -20,11 +20,8 @@ from densekit.serve.errors import DensekitError
 
 
 DEFAULT_MODEL = "efficientnet_lite0"
-
 DEFAULT_SAMPLES_DIR = Path.home() / ".cache" / "densekit" / "app-samples"
-
 DEFAULT_PRESET = "live"  # densekit.retrieval.propagation's preset for tracking as frames arrive on a CPU
-
 RESOLUTIONS = (480, 360, 240)
 
 
@@ -53,7 +50,6 @@ class LockedExtractor:
 
 
 _EXTRACTORS: dict[tuple[str, Optional[str]], LockedExtractor] = {}
-
 _EXTRACTORS_LOCK = threading.Lock()
 
 
