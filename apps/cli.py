@@ -34,7 +34,12 @@ BACKBONE_HELP = (
     "resnet18 | resnet50 (random init, seeded) | efficientnet_lite0 (ImageNet-pretrained) | pixels | "
     "timm:<model name> (random init) | path to a densekit .safetensors checkpoint"
 )
-PRESET_HELP = "Propagation preset: dino (n=7, k=5, T=0.1) or crw (n=20, k=10, T=0.05)."
+# Written out, not built from retrieval.propagation.PRESETS (that module imports torch, and --help must
+# not); tests/test_cli_bad_input.py checks it against PRESETS.
+PRESET_HELP = (
+    "Propagation preset: dino (n=7, k=5, T=0.1, 480 short side), crw (n=20, k=10, T=0.05, native size) or "
+    "live (n=2, k=5, T=0.1, 360 short side, 64 PCA directions; the app's live tracking)."
+)
 
 
 def _propagation_config(

@@ -193,3 +193,13 @@ def test_unwritable_outputs_are_one_error_line(bad_path: Path, tmp_path: Path, c
     assert str(bad_path) in text
     text = _check_one_error_line(["export", "onnx", "pixels", "--out", str(bad_path / "m.onnx")], capsys)
     assert str(bad_path) in text
+
+
+def test_preset_help_names_every_preset_with_its_settings() -> None:
+    from densekit.apps.cli import PRESET_HELP
+    from densekit.retrieval.propagation import PRESETS
+
+    for name, cfg in PRESETS.items():
+        assert f"{name} (n={cfg.n_last}, k={cfg.topk}, T={cfg.temperature:g}, " in PRESET_HELP, name
+        size = "native size" if cfg.resize == "native" else f"{cfg.short_side} short side"
+        assert size in PRESET_HELP.split(f"{name} (")[1].split(")")[0], name

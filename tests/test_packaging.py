@@ -1,7 +1,9 @@
-"""The package installs under one namespace and its CLI answers --help without heavy imports."""
+"""The package installs under one namespace, imports one way without circles, and its CLI and
+``import densekit`` stay free of heavy imports."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -11,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 AREAS = ("serve", "train", "export", "retrieval", "apps")
+PUBLIC_API = ("FeatureExtractor", "MaskPropagator", "SegmentIndex", "load_backbone", "score_davis", "evaluate_davis")
 
 
 @pytest.mark.slow
@@ -27,10 +30,25 @@ def test_wheel_installs_only_the_densekit_namespace(tmp_path: Path) -> None:
     assert top - dist_info == {"densekit"}, f"unexpected top-level entries: {sorted(top - dist_info)}"
     for area in AREAS:
         assert f"densekit/{area}/__init__.py" in names
+    assert "densekit/__init__.py" in names  # the public API, from apps/api/
+    assert not any(n.startswith("densekit/apps/api/") for n in names)  # and nowhere else
     assert not any(n.startswith("densekit/tests/") for n in names)
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "densekit = densekit.apps.cli:main" in text
+    # the installed wheel (not this checkout) answers the public API
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = (
+        "import densekit, densekit.serve.extractor as e\n"
+        f"from densekit import {', '.join(PUBLIC_API)}\n"
+        f"assert densekit.__file__.startswith({str(target)!r}), densekit.__file__\n"
+        f"assert e.__file__.startswith({str(target)!r}), e.__file__\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.parametrize("area", AREAS)
@@ -67,11 +85,152 @@ def test_serve_imports_without_torch() -> None:
     assert out.returncode == 0, out.stderr
 
 
-def test_import_direction() -> None:
-    """serve/ is the ground floor: it imports no other densekit area; nothing imports apps/."""
-    import re
+def test_public_api_is_lazy_and_complete() -> None:
+    """``import densekit`` imports no torch; each public name then resolves to the object its module defines."""
+    code = (
+        "import importlib, sys\n"
+        "import densekit\n"
+        "assert 'torch' not in sys.modules, 'import densekit imported torch'\n"
+        f"from densekit import {', '.join(PUBLIC_API)}\n"
+        f"assert set({PUBLIC_API!r}) <= set(densekit.__all__) <= set(dir(densekit))\n"
+        "for name in densekit.__all__:\n"
+        "    value = getattr(densekit, name)\n"
+        "    if name != '__version__':\n"
+        "        assert value is getattr(importlib.import_module(densekit._EXPORTS[name]), name), name\n"
+        "try:\n"
+        "    densekit.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('densekit.no_such_name did not raise AttributeError')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
-    pattern = re.compile(r"^\s*(?:from|import)\s+densekit\.(\w+)", re.M)
+
+def _package_dirs() -> dict[str, Path]:
+    """pyproject's package-dir: import name -> folder (``densekit`` -> apps/api, ``densekit.serve`` -> serve...)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {name: (ROOT / folder).resolve() for name, folder in config.items()}
+
+
+def _modules() -> dict[str, Path]:
+    """Every densekit module by its import name, named through pyproject's package-dir mapping."""
+    dirs = _package_dirs()
+    mapped = set(dirs.values())
+    modules = {}
+    for package, folder in dirs.items():
+        for path in folder.rglob("*.py"):
+            # a sub-folder that pyproject maps to another name (apps/api is `densekit`) is named there
+            if any(parent in mapped and parent != folder for parent in path.parents if folder in parent.parents):
+                continue
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """densekit modules that ``name`` imports anywhere in its file: top level, functions, TYPE_CHECKING."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module`
+        else:
+            continue
+        for target in targets:
+            if target in known and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each as one cycle through it."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:  # recursion depth is bounded by the number of modules (~100)
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(_cycle_through(sorted(component), graph))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def _cycle_through(component: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """One closed path inside a strongly connected component, from its first module back to it."""
+    start, inside = component[0], set(component)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:  # breadth first: the shortest way back to ``start``
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & inside):
+                if w == start:
+                    return paths[v] + [start]
+                if w not in paths:
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    return component
+
+
+def test_import_graph_sees_imports_inside_functions() -> None:
+    graph = import_graph()
+    assert "densekit" in graph and "densekit.apps.cli" in graph and "densekit.serve.errors" in graph
+    # cmd_export imports densekit.export.onnx only inside its command body
+    assert "densekit.export.onnx" in graph["densekit.apps.cmd_export"]
+    # and a made-up circle is found, with its path
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_cycles() -> None:
+    """No circle between densekit modules, imports inside functions included (they hide circles)."""
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_import_direction() -> None:
+    """serve/ is the ground floor: it imports no other densekit area; nothing imports apps/ (or ``densekit``)."""
     allowed = {
         "serve": {"serve"},
         "train": {"serve", "train"},
@@ -79,7 +238,14 @@ def test_import_direction() -> None:
         "export": {"serve", "train", "export"},
         "apps": set(AREAS),
     }
-    for area in AREAS:
-        for path in (ROOT / area).rglob("*.py"):
-            used = set(pattern.findall(path.read_text()))
-            assert used <= allowed[area], f"{path.relative_to(ROOT)} imports {sorted(used - allowed[area])}"
+    modules = _modules()
+
+    def area(name: str) -> str:
+        return modules[name].relative_to(ROOT).parts[0]  # `densekit` itself is in apps/ (apps/api)
+
+    bad = []
+    for name, targets in import_graph().items():
+        used = {area(t) for t in targets}
+        if not used <= allowed[area(name)]:
+            bad.append(f"{name} imports {sorted(t for t in targets if area(t) not in allowed[area(name)])}")
+    assert not bad, "\n".join(bad)
