@@ -4,19 +4,22 @@
 the results:
 
 1. **sample**: the embedded sample dataset (:func:`densekit.serve.sample.make_sample`) in ``OUT/sample``;
-2. **train**: a short self-supervised run (:class:`densekit.train.trainer.Trainer`) in ``OUT/train`` under a
-   wall-clock budget: a 6-step calibration run measures seconds per step (median of its last 3), ``max_steps``
-   is set so that the run takes ``minutes`` (so the cosine schedule runs to its end, as
-   ``benchmarks/train_quality.py`` does), and a guard stops it at 1.5x the budget if the machine gets slower;
+2. **train**: a short self-supervised run (:class:`densekit.train.trainer.Trainer`) in ``OUT/train`` under the
+   trainer's own wall-clock budget (``budget_s``, ``clock=wall``, as ``benchmarks/train_quality.py``): it
+   times a few steps, sizes the cosine schedule to end with ``minutes``, stops when they are spent and
+   exports the backbone;
 3. **export**: ONNX export of the trained backbone with its parity check
    (:func:`densekit.export.onnx.export_onnx`), and a TensorRT engine where TensorRT and a GPU exist;
 4. **eval**: DAVIS J&F on the sample's held-out ``val`` split of the trained model (run through its ONNX file
    with ONNX Runtime), the ImageNet-pretrained EfficientNet-Lite0, and two baselines: random init of the
-   trained architecture (same seed as the run's start) and raw pixels;
+   trained architecture (same seed as the run's start) and raw pixels, each by
+   :func:`densekit.retrieval.davis_protocol.score_davis` (the protocol of ``densekit eval davis``; the dino
+   preset at the frames' own short side, for CPU time);
 5. **index**: a :class:`~densekit.retrieval.segment_index.SegmentIndex` of the sample frames with the best
    model of step 4 (trained or pretrained: the baselines are references, not candidates) and one search by
    a point on a known object of a held-out frame, scored by the class of each hit;
-6. **report**: ``OUT/report.md`` with relative links to PNGs in ``OUT/report/`` and ``OUT/search/``.
+6. **report**: ``OUT/report.md`` with relative links to PNGs in ``OUT/report/`` and ``OUT/search/``
+   (:mod:`densekit.apps.demo_report`).
 
 Resumable: ``OUT/demo.json`` records, per step, a fingerprint of its inputs (options and the completion
 time of the steps it depends on), its timings and its results. A step whose fingerprint matches and whose
@@ -31,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from densekit.serve.atomic import atomic_path, write_text_atomic
+
+from densekit.apps.demo_report import (
+    fmt_seconds,
+    last_logged_loss,
+    preset_text,
+    report_markdown,
+    write_png,
+    write_report_images,
+)
+from densekit.apps.demo_report import rel as _rel
+from densekit.serve.atomic import write_text_atomic
 from densekit.serve.errors import DensekitError
 
 Log = Callable[[str], None]
@@ -56,8 +68,9 @@ TRT_SKIPPED = "skipped: no TensorRT/GPU"
 #: 2-minute run of benchmarks/train_quality.py (hierarchical grouping on resnet18)
 DEFAULT_OBJECTIVE = "hiergroup"
 DEFAULT_BACKBONE = "resnet18"
-CALIBRATION_STEPS = 6
-DEADLINE_FACTOR = 1.5  # training stops at this multiple of the budget if the machine slowed down
+#: with a time budget the trainer sets the schedule length itself; this only bounds it
+MAX_BUDGET_STEPS = 10**6
+BUDGET_SAVE_EVERY = 50  # steps between state checkpoints of a budget run (what an interruption can lose)
 
 
 @dataclass(frozen=True)
@@ -129,20 +142,8 @@ class DemoResult:
 # ----------------------------------------------------------------------------------------------------
 
 
-def fmt_seconds(s: float) -> str:
-    """``4.2 s``, ``3 min 05 s``."""
-    if s < 60:
-        return f"{s:.1f} s"
-    m, sec = divmod(round(s), 60)
-    return f"{m} min {sec:02d} s"
-
-
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _rel(path: Path, out: Path) -> str:
-    return Path(os.path.relpath(path, out)).as_posix()
 
 
 def _backbone_label(backbone: str) -> str:
@@ -324,38 +325,22 @@ class _Demo:
 
     # -- 2. train --------------------------------------------------------------------------------------
 
-    def _train_config(self, steps: int, out: Path, calibration: bool = False):
+    def _train_config(self, out: Path):
         from densekit.train.config import build_config
 
         t = self.opts.train_spec
-        overrides = [
-            f"max_steps={steps}", f"batch_size={t.batch_size}", f"data.size=[{t.size},{t.size}]", "data.split=train",
-            f"data.num_workers={t.workers}", f"progress={'false' if calibration else 'true'}", "tensorboard=false",
-            f"save_every={0 if calibration else max(1, steps // 5)}", f"log_every={max(1, min(10, steps // 10))}",
-            f"seed={self.opts.seed}", "optim.warmup_steps=-1", "device=cpu",
+        if t.steps is not None:  # --fast: a fixed number of steps
+            length = [f"max_steps={t.steps}", f"save_every={max(1, t.steps // 5)}", "log_every=1"]
+        else:
+            length = [f"budget_s={self.opts.minutes * 60.0}", "clock=wall", f"max_steps={MAX_BUDGET_STEPS}",
+                      f"save_every={BUDGET_SAVE_EVERY}", "log_every=10"]
+        overrides = length + [
+            f"batch_size={t.batch_size}", f"data.size=[{t.size},{t.size}]", "data.split=train",
+            f"data.num_workers={t.workers}", "progress=true", "tensorboard=false", f"seed={self.opts.seed}",
+            "optim.warmup_steps=-1", "device=cpu",
         ]
         return build_config(overrides=overrides, objective=self.opts.objective, backbone=self.opts.backbone,
                             out=str(out), data_path=str(self.sample_dir))
-
-    def _calibrate(self) -> tuple[int, float, list[float]]:
-        """(max_steps filling the budget, seconds per step, step times) from a short calibration run.
-
-        The first steps carry start-up costs (loader worker start, first batches of region hierarchies), so
-        seconds per step is the median of the last 3 of 6 steps.
-        """
-        from densekit.train.trainer import Trainer
-
-        calib_dir = self.out / ".train-calibration"
-        shutil.rmtree(calib_dir, ignore_errors=True)
-        times: list[float] = [time.perf_counter()]
-        try:
-            Trainer(self._train_config(CALIBRATION_STEPS, calib_dir, calibration=True),
-                    hooks=[lambda _t, _s: times.append(time.perf_counter())]).fit()
-        finally:
-            shutil.rmtree(calib_dir, ignore_errors=True)
-        intervals = list(np.diff(times))
-        per_step = max(float(np.median(intervals[-3:])), 1e-3)
-        return max(2, int(self.opts.minutes * 60.0 / per_step)), per_step, [float(v) for v in intervals]
 
     def step_train(self, sample: dict[str, Any]) -> dict[str, Any]:
         opts = self.opts
@@ -374,43 +359,30 @@ class _Demo:
             partial = self.manifest.get("train:partial")
             resume = (not opts.force and partial is not None and partial.get("fingerprint") == fp
                       and (self.train_dir / STATE_FILE).is_file())
-            per_step = None
             if resume:
-                assert partial is not None
-                steps = int(partial["max_steps"])
-                self.sub(f"resuming the interrupted run in {self.train_dir} (target {steps} steps)")
+                self.sub(f"resuming the interrupted run in {self.train_dir} (its schedule and the budget left)")
             else:
                 shutil.rmtree(self.train_dir, ignore_errors=True)
-                if opts.train_spec.steps is not None:
-                    steps = opts.train_spec.steps
-                else:
-                    self.sub(f"calibrating: timing {CALIBRATION_STEPS} steps ...")
-                    steps, per_step, intervals = self._calibrate()
-                    self.sub(f"step times {', '.join(f'{v:.1f}' for v in intervals)} s -> {per_step:.2f} s/step -> "
-                             f"{steps} steps to fill {opts.minutes:g} min")
-                self.manifest.put("train:partial", {"fingerprint": fp, "max_steps": steps, "done": False})
-            cfg = self._train_config(steps, self.train_dir)
-            deadline = None if budget is None else time.perf_counter() + DEADLINE_FACTOR * budget * 60.0
-            guard = _Deadline(deadline, backbone_file)
-            t0 = time.perf_counter()
-            try:
-                res = Trainer(cfg, resume=resume, hooks=[guard]).fit()
-                step, ips, loss = res.step, res.images_per_s, res.metrics.get("loss")
-            except _OutOfTime as stop:
-                step, ips, loss = stop.step, stop.images_per_s, None
-                self.sub(f"stopped at step {step} of {steps}: {DEADLINE_FACTOR:g}x the budget has passed "
-                         "(the machine got slower after calibration)")
-            seconds = time.perf_counter() - t0
+                self.manifest.put("train:partial", {"fingerprint": fp, "done": False})
+                if budget is not None:
+                    self.sub("the trainer times a few steps, then sizes its schedule to end with the budget")
+            res = Trainer(self._train_config(self.train_dir), resume=resume).fit()
             if not backbone_file.is_file():
                 raise DensekitError(f"training ended without {backbone_file}")
+            loss = res.metrics.get("loss")
             if loss is None:
-                loss = _last_logged_loss(self.train_dir / "log.jsonl")
-            self.sub(f"{step} steps, {ips:.2f} samples/s, last loss {loss:.4f}" if loss is not None
-                     else f"{step} steps, {ips:.2f} samples/s")
-            return {"steps": step, "max_steps": steps, "samples_per_s": ips, "loss": loss,
-                    "train_seconds": seconds, "seconds_per_step": per_step, "resumed": resume,
+                loss = last_logged_loss(self.train_dir / "log.jsonl")
+            if res.seconds_per_step:
+                self.sub(f"{res.seconds_per_step:.2f} s/step -> {res.max_steps} steps scheduled for {opts.minutes:g} min")
+            if res.stopped_by_budget:
+                self.sub(f"the budget ran out at step {res.step} of {res.max_steps}")
+            self.sub(f"{res.step} steps, {res.images_per_s:.2f} samples/s"
+                     + (f", last loss {loss:.4f}" if loss is not None else ""))
+            return {"steps": res.step, "max_steps": res.max_steps, "samples_per_s": res.images_per_s, "loss": loss,
+                    "train_seconds": res.wall_s, "clock": res.clock, "budget_seconds": res.seconds,
+                    "seconds_per_step": res.seconds_per_step, "resumed": resume,
                     "batch_size": opts.train_spec.batch_size, "crop": opts.train_spec.size,
-                    "stopped_early": step < steps}
+                    "stopped_by_budget": res.stopped_by_budget}
 
         return self.run_step(2, "train", title, inputs, [backbone_file], body)
 
@@ -486,38 +458,40 @@ class _Demo:
                                     device="cpu")
         return FeatureExtractor(key, device="cpu")
 
-    def _eval_one(self, key: str, label: str, val: list[str]) -> dict[str, Any]:
-        from densekit.apps.cli import _propagate_to_dir, _propagation_config
-        from densekit.apps.progress import progress_bar
-        from densekit.retrieval.davis_eval import evaluate_davis, write_csvs
-        from densekit.retrieval.propagation import MaskPropagator
+    def _eval_short_side(self, val: list[str]) -> int | None:
+        """dino: the frames' own short side (DINO's protocol upsamples to 480; CPU time); crw: None (native)."""
+        if self.opts.preset != "dino":
+            return None
         from densekit.serve.davis import DavisRoot
-        from densekit.serve.imageio import open_video, read_image
+
+        return int(min(DavisRoot(self.sample_dir).first_mask(val[0]).shape))
+
+    def _eval_one(self, key: str, label: str, val: list[str]) -> dict[str, Any]:
+        from densekit.apps.progress import progress_bar
+        from densekit.retrieval.davis_protocol import progress_callback, score_davis
+        from densekit.retrieval.propagation import config_from_options
+        from densekit.serve.davis import DavisRoot
+        from densekit.serve.imageio import read_image
         from densekit.serve.viz import pca_rgb
 
         out = self.eval_dir(key)
         shutil.rmtree(out, ignore_errors=True)
-        davis = DavisRoot(self.sample_dir)
         extractor = self._extractor(key)
-        t0 = time.perf_counter()
-        frames = 0
+        short_side = self._eval_short_side(val)
+        cfg = config_from_options(self.opts.preset, short_side=short_side)
         with progress_bar() as progress:
-            for seq in val:
-                paths = davis.frame_paths(seq)
-                first = read_image(paths[0])
-                # dino: DINO's protocol resizes to a 480-pixel short side; native size here, for CPU time
-                native = min(first.shape[:2]) if self.opts.preset == "dino" else None
-                cfg = _propagation_config(self.opts.preset, None, None, None, None, native)
-                _write_png(out / f"pca-{seq}.png", pca_rgb(extractor(first), size=first.shape[:2]))
-                frames += _propagate_to_dir(MaskPropagator(extractor, cfg), open_video(paths[0].parent),
-                                            davis.first_mask(seq), out / seq, progress, f"{key}: {seq}")
-        track_s = time.perf_counter() - t0
-        res = evaluate_davis(self.sample_dir, out, sequences=val)
-        write_csvs(res, out, "val")
-        g = res.global_row
-        row = {"key": key, "label": label, "J&F": g["J&F-Mean"], "J": g["J-Mean"], "F": g["F-Mean"],
-               "sequences": res.sequence_means(), "frames": frames, "track_seconds": track_s,
-               "fps": frames / max(track_s, 1e-9), "runs_on": f"{extractor.backend_name} ({extractor.provider})"}
+            score = score_davis(extractor, self.sample_dir, cfg, out, sequences=val, split="val",
+                                on_frame=progress_callback(progress, f"{key}: "))
+        davis = DavisRoot(self.sample_dir)
+        for seq in val:
+            first = read_image(davis.frame_paths(seq)[0])
+            write_png(out / f"pca-{seq}.png", pca_rgb(extractor(first), size=first.shape[:2]))
+        g, frames, track_s = score.summary(), score.frames, score.track_seconds
+        row = {"key": key, "label": label, "J&F": g["J&F"], "J": g["J"], "F": g["F"],
+               "sequences": score.result.sequence_means(), "frames": frames, "track_seconds": track_s,
+               "fps": frames / max(track_s, 1e-9), "runs_on": f"{extractor.backend_name} ({extractor.provider})",
+               "preset": self.opts.preset, "short_side": short_side,
+               "processing_size": list(score.processing_sizes[val[0]])}
         self.sub(f"{label}: J&F {row['J&F']:.3f} (J {row['J']:.3f}, F {row['F']:.3f}), "
                  f"{frames} frames at {row['fps']:.1f} fps")
         return row
@@ -592,7 +566,7 @@ class _Demo:
 
         def body() -> dict[str, Any]:
             images = write_report_images(self, parts)
-            text = report_markdown(self, parts, images)
+            text = report_markdown(self, parts, images, default_objective=DEFAULT_OBJECTIVE)
             write_text_atomic(report, text)
             self.sub(f"wrote {report} and {len(images)} pictures")
             return {"report": _rel(report, self.out), "images": sorted(images.values())}
@@ -600,67 +574,6 @@ class _Demo:
         rdir = self.out / "report"
         pictures = [rdir / "jf.png", rdir / "pca.png"] + [rdir / f"overlays-{s}.png" for s in parts["sample"]["val"]]
         return self.run_step(6, "report", f"report -> {report}", inputs, [report, *pictures], body)
-
-
-class _OutOfTime(Exception):
-    def __init__(self, step: int, images_per_s: float) -> None:
-        super().__init__(step)
-        self.step = step
-        self.images_per_s = images_per_s
-
-
-class _Deadline:
-    """Trainer hook: past the deadline, write the student backbone as the trainer would, then stop."""
-
-    def __init__(self, deadline: float | None, dest: Path) -> None:
-        self.deadline = deadline
-        self.dest = dest
-        self.t0 = time.perf_counter()
-        self.steps = 0
-
-    def __call__(self, trainer: Any, step: int) -> None:
-        self.steps += 1
-        if self.deadline is None or time.perf_counter() < self.deadline or step >= trainer.cfg.max_steps:
-            return
-        import copy
-        import dataclasses
-
-        from densekit.serve.checkpoint import save_checkpoint
-
-        student = copy.deepcopy(trainer.model.student_backbone()).to("cpu").eval()
-        student.meta = dataclasses.replace(student.meta, objective=trainer.cfg.objective)
-        save_checkpoint(student, self.dest, extra_meta={
-            "train_steps": step, "train_seed": trainer.cfg.seed, "train_hparams": trainer.cfg.hparams,
-            "stopped_early": True,
-        })
-        ips = self.steps * trainer.cfg.batch_size / max(time.perf_counter() - self.t0, 1e-9)
-        raise _OutOfTime(step, ips)
-
-
-def _log_records(log_file: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a training ``log.jsonl`` (none if it is missing); unreadable lines skipped."""
-    records = []
-    if log_file.is_file():
-        for line in log_file.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
-
-
-def _last_logged_loss(log_file: Path) -> float | None:
-    losses = [float(rec["loss"]) for rec in _log_records(log_file) if "loss" in rec]
-    return losses[-1] if losses else None
-
-
-def preset_text(preset: str) -> str:
-    """How the propagation preset is run, in words (see densekit.retrieval.propagation.PRESETS)."""
-    if preset == "dino":
-        return "dino preset (first + last 7 frames, top-5, T 0.1) with the frames' native short side"
-    return "crw preset (first + last 20 frames, top-10, T 0.05) at the frames' native size"
 
 
 def tensorrt_unavailable() -> str | None:
@@ -785,260 +698,6 @@ def build_index_and_search(
     }
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pictures and the report
-# ----------------------------------------------------------------------------------------------------
-
-
-def _write_png(dest: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    with atomic_path(dest, suffix=".png") as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
-            raise DensekitError(f"could not write {dest}")
-
-
-def _label_tile(text: str, height: int, width: int, colour: tuple[int, int, int] = (245, 245, 245)) -> np.ndarray:
-    """A (height, width, 3) tile with ``text`` wrapped onto lines."""
-    import cv2
-
-    tile = np.full((height, width, 3), colour, np.uint8)
-    scale, thick = 0.45, 1
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        trial = f"{line} {w}".strip()
-        if cv2.getTextSize(trial, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0] > width - 10 and line:
-            lines.append(line)
-            line = w
-        else:
-            line = trial
-    if line:
-        lines.append(line)
-    y = max(16, (height - 18 * len(lines)) // 2 + 12)
-    for ln in lines:
-        cv2.putText(tile, ln, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), thick, cv2.LINE_AA)
-        y += 18
-    return tile
-
-
-def _fit(img: np.ndarray, width: int) -> np.ndarray:
-    import cv2
-
-    h, w = img.shape[:2]
-    if w == width:
-        return img
-    return cv2.resize(img, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
-
-
-def overlay_strip(frames: list[np.ndarray], rows: list[tuple[str, list[np.ndarray]]], col_titles: list[str],
-                  tile_w: int, label_w: int = 170) -> np.ndarray:
-    """A picture with one row per (label, masks): each frame with its mask overlaid, label on the left."""
-    from densekit.serve.imageio import overlay
-
-    tiles_h = _fit(frames[0], tile_w).shape[0]
-    head = [_label_tile("", 24, label_w)] + [_label_tile(t, 24, tile_w) for t in col_titles]
-    out_rows = [np.concatenate(head, axis=1)]
-    for label, masks in rows:
-        cells = [_label_tile(label, tiles_h, label_w)]
-        for f, m in zip(frames, masks):
-            cells.append(_fit(overlay(f, m, 0.5), tile_w))
-        out_rows.append(np.concatenate(cells, axis=1))
-    return np.concatenate(out_rows, axis=0)
-
-
-def jf_chart(rows: list[dict[str, Any]], dest: Path, title: str) -> None:
-    """Grouped bars (J, F, J&F) per model, written atomically as PNG with matplotlib's Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    x = np.arange(len(rows))
-    fig = Figure(figsize=(max(6.0, 1.7 * len(rows) + 1.5), 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for off, key, colour, name in ((-0.27, "J", "#4C72B0", "J (region)"), (0.0, "F", "#DD8452", "F (boundary)"),
-                                   (0.27, "J&F", "#55A868", "J&F")):
-        vals = [r[key] for r in rows]
-        bars = ax.bar(x + off, vals, width=0.27, color=colour, label=name)
-        if key == "J&F":
-            ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["label"].replace(" (", "\n(") for r in rows], fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(dest, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def loss_chart(log_file: Path, dest: Path, title: str) -> bool:
-    """Training loss against step from ``log.jsonl``; False when there is nothing to plot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pts = [(int(rec["step"]), float(rec["loss"])) for rec in _log_records(log_file) if "loss" in rec and "step" in rec]
-    if not pts:
-        return False
-    fig = Figure(figsize=(6.0, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(dest, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return True
-
-
-def write_report_images(demo: _Demo, parts: dict[str, Any]) -> dict[str, str]:
-    """Every PNG of the report (name -> path relative to OUT)."""
-    from densekit.serve.davis import DavisRoot
-    from densekit.serve.imageio import read_image, read_mask
-
-    out = demo.out
-    rdir = out / "report"
-    rows = parts["jf"]
-    images: dict[str, str] = {}
-    jf_png = rdir / "jf.png"
-    jf_chart(rows, jf_png, f"DAVIS J&F on the sample's val split ({demo.opts.preset} preset)")
-    images["jf"] = _rel(jf_png, out)
-    loss_png = rdir / "train-loss.png"
-    if loss_chart(demo.train_dir / "log.jsonl", loss_png, f"training loss: {demo.label}"):
-        images["loss"] = _rel(loss_png, out)
-
-    davis = DavisRoot(demo.sample_dir)
-    val = parts["sample"]["val"]
-    first_frames = []
-    for seq in val:
-        paths = davis.frame_paths(seq)
-        n = len(paths)
-        picks = sorted({round(float(t)) for t in np.linspace(0, n - 1, min(4, n))})
-        frames = [read_image(paths[i]) for i in picks]
-        first_frames.append(frames[0])
-        tile_w = min(frames[0].shape[1], 288)
-        strip_rows = [("ground truth", [read_mask(p) for p in (davis.annotation_paths(seq)[i] for i in picks)])]
-        for r in rows:
-            strip_rows.append((f"{r['label']}  J&F {r['J&F']:.3f}",
-                               [read_mask(demo.eval_dir(r["key"]) / seq / f"{paths[i].stem}.png") for i in picks]))
-        titles = [f"frame {paths[i].stem}" + (" (given)" if i == 0 else "") for i in picks]
-        png = rdir / f"overlays-{seq}.png"
-        _write_png(png, overlay_strip(frames, strip_rows, titles, tile_w))
-        images[f"overlays-{seq}"] = _rel(png, out)
-
-    # PCA: one row per val sequence (its first frame), one column per model
-    tile_w = min(first_frames[0].shape[1], 288)
-    head = [_label_tile("frame", 24, tile_w)] + [_label_tile(r["label"], 24, tile_w) for r in rows]
-    pca_rows = [np.concatenate(head, axis=1)]
-    for seq, frame in zip(val, first_frames):
-        cells = [_fit(frame, tile_w)]
-        for r in rows:
-            cells.append(_fit(read_image(demo.eval_dir(r["key"]) / f"pca-{seq}.png"), tile_w))
-        h = min(c.shape[0] for c in cells)
-        pca_rows.append(np.concatenate([c[:h] for c in cells], axis=1))
-    png = rdir / "pca.png"
-    _write_png(png, np.concatenate(pca_rows, axis=0))
-    images["pca"] = _rel(png, out)
-    images["search"] = parts["index"]["grid"]
-    return images
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def report_markdown(demo: _Demo, parts: dict[str, Any], images: dict[str, str]) -> str:
-    """The text of ``OUT/report.md`` (images linked relative to OUT)."""
-    import platform
-
-    opts = demo.opts
-    sample, train, export, rows, index = parts["sample"], parts["train"], parts["export"], parts["jf"], parts["index"]
-    spec = opts.sample_spec
-    steps = demo.manifest.data["steps"]
-    total = sum(float(e.get("seconds", 0.0)) for k, e in steps.items() if e.get("done") and k != "report")
-    cmd = "densekit demo --out " + str(opts.out) + (" --fast" if opts.fast else f" --minutes {opts.minutes:g}") + \
-        f" --objective {opts.objective} --backbone {opts.backbone}"
-    L: list[str] = []
-    L.append("# densekit demo report\n")
-    L.append(f"Made by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} ({platform.machine()}, "
-             f"{os.cpu_count()} CPU cores). Steps took {fmt_seconds(total)} in all (table at the end); "
-             "wall-clock figures depend on what else the machine was running.\n")
-    L.append("## J&F at a glance\n")
-    L.append(_md_table(
-        ["model", "J&F", "J", "F", "runs on", "fps"],
-        [[r["label"], f"{r['J&F']:.3f}", f"{r['J']:.3f}", f"{r['F']:.3f}", r["runs_on"], f"{r['fps']:.1f}"]
-         for r in rows],
-    ))
-    L.append(f"\n![J&F per model]({images['jf']})\n")
-    L.append(f"Semi-supervised DAVIS protocol (official J&F, first and last frames excluded) on the sample's "
-             f"held-out `val` split ({', '.join(sample['val'])}); masks propagate from the first frame with the "
-             f"{preset_text(opts.preset)}. Best of trained and pretrained: **{index['best']}**, used for the index and "
-             "the app. Random init is the trained architecture with the seed training started from; pixels is "
-             "normalised RGB at stride 8.\n")
-    L.append("## 1. Data\n")
-    L.append(f"`make_sample`: {spec.sequences} sequences x {spec.frames} frames at {spec.width}x{spec.height} "
-             f"(seed {opts.seed}) in `sample/`: train {', '.join(sample['train'])}; val {', '.join(sample['val'])}.\n")
-    L.append("## 2. Training\n")
-    budget = f"{opts.train_spec.steps} steps (--fast)" if opts.fast else f"{opts.minutes:g} min of wall clock"
-    why = "" if opts.objective != DEFAULT_OBJECTIVE else (
-        " (the default: the objective that learned most per unit of training time in the 2-minute run of "
-        "`benchmarks/train_quality.py`)")
-    L.append(f"`{opts.objective}`{why} on `{opts.backbone}`, budget {budget}: {train['steps']} steps of "
-             f"batch {train['batch_size']} at {train['crop']}x{train['crop']} on the train split, "
-             f"{train['samples_per_s']:.2f} samples/s, last logged loss "
-             + (f"{train['loss']:.4f}" if train.get("loss") is not None else "-")
-             + (f"; calibrated at {train['seconds_per_step']:.2f} s/step" if train.get("seconds_per_step") else "")
-             + ("; stopped early at 1.5x the budget" if train.get("stopped_early") else "")
-             + ". Run folder `train/` (config.yaml, state, backbone.safetensors, log.jsonl).\n")
-    if "loss" in images:
-        L.append(f"![training loss]({images['loss']})\n")
-    L.append("## 3. Export\n")
-    parity = "; ".join(f"{p['size'][0]}x{p['size'][1]} batch {p['batch']}: cosine {p['cosine']:.7f}, "
-                       f"max abs diff {p['max_abs']:.2g}" for p in export["parity"])
-    L.append(f"`{export['onnx']}` ({export['exporter']} exporter, opset {export['opset']}), ONNX Runtime against "
-             f"PyTorch on real photographs: {parity or 'not checked'}. TensorRT: {export['tensorrt']['status']}.\n")
-    if index.get("export"):
-        L.append(f"The pretrained model was exported for the index and the app too: `{index['export']['onnx']}`.\n")
-    L.append("## 4. Tracking, frame by frame\n")
-    L.append("Rows: ground truth, then each model; the first column is the given mask.\n")
-    for seq in sample["val"]:
-        L.append(f"**{seq}**\n\n![overlays {seq}]({images['overlays-' + seq]})\n")
-    L.append("Per sequence J&F:\n")
-    seqs = sample["val"]
-    L.append(_md_table(["model"] + seqs, [[r["label"]] + [
-        next((f"{(j + f) / 2:.3f}" for s, j, f in r["sequences"] if s == seq), "-") for seq in seqs] for r in rows]))
-    L.append("")
-    L.append("## 5. What the features see\n")
-    L.append("First three principal components of each model's dense features as RGB "
-             "(`densekit.serve.viz.pca_rgb`, as Figure 2 of Zhang and Maire 2020), first frame of each val sequence.\n")
-    L.append(f"![PCA of the features]({images['pca']})\n")
-    L.append("## 6. Segment search\n")
-    q = index["query"]
-    L.append(f"`SegmentIndex` in `{index['index']}` with `{index['onnx']}`: {index['images']} frames (every second "
-             f"frame of every sequence), {index['segments']} K-means segments. Query: a point "
-             f"(x={q['point'][0]}, y={q['point'][1]}) on object {q['object']} ({q['class']}) of the held-out frame "
-             f"`{q['frame']}`; {sum(h['same_class'] for h in index['hits'])} of {len(index['hits'])} hits show the same "
-             f"class (precision {index['precision']:.2f}).\n")
-    L.append(f"![search grid]({images['search']})\n")
-    L.append(_md_table(["rank", "score", "frame", "class"],
-                       [[str(h["rank"]), f"{h['score']:.3f}", h["frame"], h["class"]] for h in index["hits"]]))
-    L.append("")
-    L.append("## 7. Open the app\n")
-    L.append(f"```bash\n{parts['app_command']}\n```\n")
-    L.append("## Timings\n")
-    trows = []
-    for k in ("sample", "train", "export") + tuple(f"eval:{m}" for m, _ in demo.models()) + ("index",):
-        e = steps.get(k)
-        if e and e.get("done"):
-            trows.append([k, fmt_seconds(float(e["seconds"])),
-                          "this run" if k in demo.ran else "earlier run"])
-    L.append(_md_table(["step", "time", "when"], trows))
-    L.append("")
-    return "\n".join(L) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
