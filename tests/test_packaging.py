@@ -18,6 +18,9 @@ PUBLIC_API = ("FeatureExtractor", "MaskPropagator", "SegmentIndex", "load_backbo
 
 @pytest.mark.slow
 def test_wheel_installs_only_the_densekit_namespace(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(ROOT / "build" / "lib", ignore_errors=True)  # pip builds in the tree: no stale modules
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
         check=True,
@@ -32,6 +35,12 @@ def test_wheel_installs_only_the_densekit_namespace(tmp_path: Path) -> None:
         assert f"densekit/{area}/__init__.py" in names
     assert "densekit/__init__.py" in names  # the public API, from apps/api/
     assert not any(n.startswith("densekit/apps/api/") for n in names)  # and nowhere else
+    dirs = sorted(_package_dirs().items(), key=lambda kv: -len(kv[0]))
+    for name in (n for n in names if n.endswith(".py")):
+        module = name[: -len(".py")].replace("/", ".")
+        package, folder = next((p, f) for p, f in dirs if module.startswith(p + "."))
+        source = folder.joinpath(*module[len(package) + 1 :].split(".")).with_suffix(".py")
+        assert source.is_file(), f"{name} has no source in the tree"
     assert not any(n.startswith("densekit/tests/") for n in names)
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -1,4 +1,4 @@
-"""The base class every dense self-supervised objective implements (TRAIN.md contract).
+"""The base class every dense self-supervised objective implements: the contract between objectives and trainer.
 
 An :class:`Objective` is one small ``nn.Module`` that owns the student backbone plus the loss's heads and any
 training state (EMA teacher, queues, pointers). The trainer knows nothing about a method beyond this interface,
