@@ -66,6 +66,7 @@ Built-in names (see :func:`build_backbone`):
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,6 @@ from torch import nn
 from densekit.serve.contract import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 from densekit.serve.errors import DensekitError
 
-BUILTIN_NAMES = ("resnet18", "resnet50", "efficientnet_lite0", "pixels")
 TIMM_PREFIX = "timm:"
 
 # TF EfficientNet-Lite preprocessing (tensorflow/tpu, efficientnet/lite/efficientnet_lite_builder.py).
@@ -319,9 +319,11 @@ class TimmViTDense(DenseBody):
     def __init__(self, model_name: str) -> None:
         super().__init__()
         self.model = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        if not hasattr(self.model, "forward_features") or not hasattr(self.model, "num_prefix_tokens"):
+            raise TypeError(f"{model_name} takes dynamic_img_size but has no prefix tokens: not a ViT")
         self.patch = _vit_patch_size(self.model, model_name)
         self.num_prefix_tokens = int(self.model.num_prefix_tokens)
-        self.stage_info = [StageInfo("tokens", int(getattr(self.model, "num_features", 0)), self.patch)]
+        self.stage_info = [StageInfo("tokens", int(self.model.num_features), self.patch)]
 
     def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
         self.stage_index(last)
@@ -360,33 +362,74 @@ def _vit_patch_size(model: nn.Module, model_name: str) -> int:
     return int(ph)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The registry: one entry per family, so a new family is one register_family call
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How one family of backbones is named, built and normalised.
+
+    Attributes:
+        build: ``arch -> body`` (a :class:`DenseBody`); raises KeyError/TypeError/ValueError for a bad arch.
+        arch: ``(name, decoder) -> arch keywords`` for a name of this family (``family`` is added by
+            :func:`default_arch`); ``decoder`` is only ever True when ``decoder`` below is.
+        names: the exact names this family answers (``resnet18``...).
+        prefix: or every name that starts with it (``timm:``).
+        decoder: whether ``decoder=True`` is available.
+        mean, std: the normalisation its weights expect.
+        load_weights: loads shipped pretrained weights into a freshly built body (None: random init).
+    """
+
+    build: Callable[[dict[str, Any]], DenseBody]
+    arch: Callable[[str, bool], dict[str, Any]]
+    names: tuple[str, ...] = ()
+    prefix: str = ""
+    decoder: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    load_weights: Callable[[DenseBody], None] | None = None
+
+
+FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def register_family(family: str, spec: BackboneFamily) -> None:
+    """Add a family under the key that ``meta.arch["family"]`` stores (checkpoints name it, so never rename)."""
+    taken = {n for other in FAMILIES.values() for n in other.names}
+    clash = sorted(taken & set(spec.names))
+    if family in FAMILIES or clash:
+        raise ValueError(f"backbone family {family!r} or names {clash} already registered")
+    FAMILIES[family] = spec
+
+
+def backbone_names() -> list[str]:
+    """Every name a user can give: the exact ones, then ``<prefix><model name>`` forms."""
+    exact = [n for spec in FAMILIES.values() for n in spec.names]
+    return exact + [f"{spec.prefix}<{key} model name>" for key, spec in FAMILIES.items() if spec.prefix]
+
+
+def _family_of(name: str) -> str:
+    for key, spec in FAMILIES.items():
+        if name in spec.names:
+            return key
+    for key, spec in FAMILIES.items():
+        if spec.prefix and name.startswith(spec.prefix):
+            return key
+    raise DensekitError(
+        f"unknown backbone {name!r}; valid names: {', '.join(backbone_names())}, or a .safetensors checkpoint path"
+    )
+
+
 def default_arch(name: str, *, decoder: bool = False) -> dict[str, Any]:
     """The architecture keywords that :func:`build_backbone` uses for ``name`` (stored as ``meta.arch``)."""
-    if name in ("resnet18", "resnet50"):
-        depth = int(name[len("resnet") :])
-        if decoder:
-            return {"family": "resnet", "depth": depth, "last_layer": 4, "remove_strides": False,
-                    "decoder": True, "decoder_dim": 256}
-        return {"family": "resnet", "depth": depth, "last_layer": 3, "remove_strides": True,
-                "decoder": False, "decoder_dim": 0}
-    if decoder:
-        raise DensekitError(f"decoder=True is only available for resnet18 and resnet50, not {name!r}")
-    if name == "efficientnet_lite0":
-        return {"family": "efficientnet_lite", "timm_arch": LITE0_TIMM_ARCH, "num_stages": LITE0_NUM_STAGES,
-                "output_stride": 8, "decoder": False}
-    if name == "pixels":
-        return {"family": "pixels", "stride": 8, "decoder": False}
-    if name.startswith(TIMM_PREFIX):
-        model_name = name[len(TIMM_PREFIX) :]
-        if not model_name or not timm.is_model(model_name):
-            close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise DensekitError(f"unknown timm model {model_name!r}{hint}")
-        return {"family": "timm", "model_name": model_name, "decoder": False}
-    raise DensekitError(
-        f"unknown backbone {name!r}; valid names: {', '.join(BUILTIN_NAMES)}, timm:<timm model name>, "
-        "or a .safetensors checkpoint path"
-    )
+    family = _family_of(name)
+    spec = FAMILIES[family]
+    if decoder and not spec.decoder:
+        with_decoder = [n for s in FAMILIES.values() if s.decoder for n in s.names]
+        raise DensekitError(f"decoder=True is only available for {' and '.join(with_decoder)}, not {name!r}")
+    return {"family": family, **spec.arch(name, decoder)}
 
 
 def build_from_arch(name: str, arch: dict[str, Any], *, seed: int = 0, pretrained: bool = True) -> DenseBackbone:
@@ -394,85 +437,86 @@ def build_from_arch(name: str, arch: dict[str, Any], *, seed: int = 0, pretraine
 
     Random initialisation is seeded with ``seed`` inside :func:`torch.random.fork_rng`, so the caller's
     global RNG state is untouched. ``pretrained=False`` skips loading shipped weights (the
-    EfficientNet-Lite0 .pth): a checkpoint is about to overwrite them.
+    EfficientNet-Lite0 .pth): a checkpoint is about to overwrite them. ``meta.stride``/``meta.dim`` are the
+    last stage's, ``meta.input_multiple`` the largest stage stride (so every downsampling sees an even size).
     """
     if not isinstance(arch, dict) or "family" not in arch:
         raise DensekitError(f"cannot build {name!r}: arch must be a dict with a 'family' key, got {arch!r}")
+    spec = FAMILIES.get(arch["family"])
+    if spec is None:
+        raise DensekitError(f"cannot build {name!r} from arch {arch}: unknown family {arch['family']!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            body, stride, dim, multiple = _build_body(name, arch)
+            body = spec.build(arch)
         except (KeyError, TypeError, ValueError) as exc:
             raise DensekitError(f"cannot build {name!r} from arch {arch}: {exc}") from None
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if arch["family"] == "efficientnet_lite":
-        mean, std = LITE_MEAN, LITE_STD
-        if pretrained:
-            _load_lite0_weights(body)
-    meta = ModelMeta(name=name, stride=stride, dim=dim, mean=mean, std=std, input_multiple=multiple,
-                     arch=dict(arch))
+    if pretrained and spec.load_weights is not None:
+        spec.load_weights(body)
+    out = body.stage_info[-1]
+    meta = ModelMeta(name=name, stride=out.stride, dim=out.channels, mean=spec.mean, std=spec.std,
+                     input_multiple=max(info.stride for info in body.stage_info), arch=dict(arch))
     return DenseBackbone(body, meta).eval()
 
 
-def _build_body(name: str, arch: dict[str, Any]) -> tuple[nn.Module, int, int, int]:
-    """(body, stride, dim, input_multiple) for ``arch``."""
-    family = arch["family"]
-    if family == "resnet":
-        depth, last = int(arch["depth"]), int(arch["last_layer"])
-        if depth not in (18, 50) or last not in (3, 4):
-            raise ValueError("depth must be 18 or 50 and last_layer 3 or 4")
-        decoder_dim = int(arch["decoder_dim"]) if arch.get("decoder") else 0
-        body = ResNetDense(depth, last, bool(arch["remove_strides"]), decoder_dim)
-        if decoder_dim:
-            return body, 8, decoder_dim, 2 ** (last + 1)
-        expansion = 1 if depth == 18 else 4
-        dim = (256 if last == 3 else 512) * expansion
-        stride = 8 if arch["remove_strides"] else 2 ** (last + 1)
-        return body, stride, dim, stride
-    if family == "efficientnet_lite":
-        body = EfficientNetLiteDense(str(arch["timm_arch"]), int(arch["num_stages"]), int(arch["output_stride"]))
-        stride = min(int(arch["output_stride"]), _effnet_natural_stride(body))
-        dim = _last_out_channels(body.blocks)
-        return body, stride, dim, stride
-    if family == "pixels":
-        s = int(arch["stride"])
-        return PixelsDense(s), s, 3 * s * s, s
-    if family == "timm":
-        return _build_timm(str(arch["model_name"]))
-    raise ValueError(f"unknown family {family!r}")
+def _resnet_arch(name: str, decoder: bool) -> dict[str, Any]:
+    depth = int(name[len("resnet") :])
+    if decoder:
+        return {"depth": depth, "last_layer": 4, "remove_strides": False, "decoder": True, "decoder_dim": 256}
+    return {"depth": depth, "last_layer": 3, "remove_strides": True, "decoder": False, "decoder_dim": 0}
 
 
-def _effnet_natural_stride(body: EfficientNetLiteDense) -> int:
-    stride = body.conv_stem.stride[0]
-    for stage in body.blocks:
-        for block in stage:
-            conv = getattr(block, "conv_dw", None)
-            if conv is not None:
-                stride *= conv.stride[0]
-    return int(stride)
+def _build_resnet(arch: dict[str, Any]) -> ResNetDense:
+    depth, last = int(arch["depth"]), int(arch["last_layer"])
+    if depth not in (18, 50) or last not in (3, 4):
+        raise ValueError("depth must be 18 or 50 and last_layer 3 or 4")
+    decoder_dim = int(arch["decoder_dim"]) if arch.get("decoder") else 0
+    return ResNetDense(depth, last, bool(arch["remove_strides"]), decoder_dim)
+
+
+def _lite_arch(name: str, decoder: bool) -> dict[str, Any]:
+    return {"timm_arch": LITE0_TIMM_ARCH, "num_stages": LITE0_NUM_STAGES, "output_stride": 8, "decoder": False}
+
+
+def _build_lite(arch: dict[str, Any]) -> EfficientNetLiteDense:
+    return EfficientNetLiteDense(str(arch["timm_arch"]), int(arch["num_stages"]), int(arch["output_stride"]))
+
+
+def _pixels_arch(name: str, decoder: bool) -> dict[str, Any]:
+    return {"stride": 8, "decoder": False}
+
+
+def _build_pixels(arch: dict[str, Any]) -> PixelsDense:
+    return PixelsDense(int(arch["stride"]))
+
+
+def _timm_arch(name: str, decoder: bool) -> dict[str, Any]:
+    model_name = name[len(TIMM_PREFIX) :]
+    if not model_name or not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DensekitError(f"unknown timm model {model_name!r}{hint}")
+    return {"model_name": model_name, "decoder": False}
+
+
+def _build_timm(arch: dict[str, Any]) -> DenseBody:
+    """A ViT-style timm model as a token grid, else any timm CNN through ``features_only``."""
+    model_name = str(arch["model_name"])
+    if not timm.is_model(model_name):
+        raise DensekitError(f"unknown timm model {model_name!r}")
+    try:
+        return TimmViTDense(model_name)
+    except TypeError:  # not a ViT-style constructor (no dynamic_img_size keyword) or no prefix tokens
+        pass
+    try:
+        return TimmCNNDense(model_name)
+    except Exception as exc:  # timm raises RuntimeError/AssertionError/TypeError for unsupported features_only
+        raise DensekitError(f"timm model {model_name!r} is neither a ViT nor supports features_only: {exc}") from None
 
 
 def _last_out_channels(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     return int(convs[-1].out_channels)
-
-
-def _build_timm(model_name: str) -> tuple[nn.Module, int, int, int]:
-    if not timm.is_model(model_name):
-        raise DensekitError(f"unknown timm model {model_name!r}")
-    try:
-        vit = TimmViTDense(model_name)
-    except TypeError:  # not a ViT-style constructor: no dynamic_img_size keyword
-        vit = None
-    if vit is not None and hasattr(vit.model, "forward_features") and hasattr(vit.model, "num_prefix_tokens"):
-        return vit, vit.patch, int(vit.model.num_features), vit.patch
-    try:
-        cnn = TimmCNNDense(model_name)
-    except Exception as exc:  # timm raises RuntimeError/AssertionError/TypeError for unsupported features_only
-        raise DensekitError(f"timm model {model_name!r} is neither a ViT nor supports features_only: {exc}") from None
-    stride = int(cnn.model.feature_info.reduction()[-1])
-    dim = int(cnn.model.feature_info.channels()[-1])
-    return cnn, stride, dim, stride
 
 
 def lite0_weights_path() -> Path:
@@ -555,3 +599,12 @@ def load_backbone(name_or_path: str | Path, seed: int = 0) -> DenseBackbone:
     if isinstance(name_or_path, Path) or Path(text).exists():
         raise DensekitError(f"{text}: not a backbone name or a .safetensors checkpoint")
     return build_backbone(text, seed=seed)
+
+
+# the built-in families; the keys are stored in checkpoints' meta.arch["family"]
+register_family("resnet", BackboneFamily(_build_resnet, _resnet_arch, names=("resnet18", "resnet50"), decoder=True))
+register_family("efficientnet_lite", BackboneFamily(_build_lite, _lite_arch, names=("efficientnet_lite0",),
+                                                    mean=LITE_MEAN, std=LITE_STD, load_weights=_load_lite0_weights))
+register_family("pixels", BackboneFamily(_build_pixels, _pixels_arch, names=("pixels",)))
+register_family("timm", BackboneFamily(_build_timm, _timm_arch, prefix=TIMM_PREFIX))
+BUILTIN_NAMES = tuple(n for spec in FAMILIES.values() for n in spec.names)

@@ -15,11 +15,15 @@ from densekit.serve.backbones import (
     BUILTIN_NAMES,
     LITE_MEAN,
     LITE_STD,
+    FAMILIES,
+    BackboneFamily,
     DenseBackbone,
     DenseBody,
     StageInfo,
     build_backbone,
     build_lite0_classifier,
+    default_arch,
+    register_family,
     load_backbone,
 )
 from densekit.serve.errors import DensekitError
@@ -249,3 +253,44 @@ def test_load_backbone_names_and_unsupported_paths(tmp_path) -> None:
     other.write_text("x")
     with pytest.raises(DensekitError):
         load_backbone(other)
+
+
+class _PatchConv(DenseBody):
+    """A one-convolution body for the registry test: (B, 3, H, W) -> (B, width, H / 4, W / 4)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, kernel_size=4, stride=4)
+        self.stage_info = [StageInfo("conv", width, 4)]
+
+    def forward_stages(self, x: torch.Tensor, last: str | None = None) -> list[torch.Tensor]:
+        self.stage_index(last)
+        return [self.conv(x)]
+
+
+def test_a_new_family_is_one_registration(tmp_path) -> None:
+    """Registered once: named, built, described by its stages, saved and loaded like the built-ins."""
+    from densekit.serve.checkpoint import load_checkpoint, save_checkpoint
+
+    spec = BackboneFamily(lambda arch: _PatchConv(int(arch["width"])), lambda name, decoder: {"width": 6},
+                          names=("patchconv",), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    register_family("patchconv_test", spec)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_family("patchconv_test", spec)
+        assert default_arch("patchconv") == {"family": "patchconv_test", "width": 6}
+        model = build_backbone("patchconv", seed=3)
+        meta = model.meta
+        assert (meta.stride, meta.dim, meta.input_multiple, meta.mean) == (4, 6, 4, (0.5, 0.5, 0.5))
+        with pytest.raises(DensekitError, match="valid names: .*patchconv"):
+            build_backbone("patchconvv")
+        with pytest.raises(DensekitError, match="only available for resnet18 and resnet50, not 'patchconv'"):
+            build_backbone("patchconv", decoder=True)
+        save_checkpoint(model, tmp_path / "p.safetensors")
+        x = torch.randn(1, 3, 16, 20)
+        with torch.inference_mode():
+            assert torch.equal(load_checkpoint(tmp_path / "p.safetensors")(x), model(x))
+    finally:
+        FAMILIES.pop("patchconv_test", None)
+    with pytest.raises(DensekitError, match="unknown family 'patchconv_test'"):
+        load_checkpoint(tmp_path / "p.safetensors")
