@@ -42,64 +42,6 @@ PRESET_HELP = (
 )
 
 
-def _propagation_config(
-    preset: str,
-    n_context: Optional[int],
-    topk: Optional[int],
-    radius: Optional[float],
-    temperature: Optional[float],
-    short_side: Optional[int] = None,
-):
-    from densekit.retrieval.propagation import PRESETS, preset as make_preset
-
-    if preset not in PRESETS:
-        raise DensekitError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    overrides = {
-        k: v
-        for k, v in {
-            "n_last": n_context,
-            "topk": topk,
-            "radius": radius,
-            "temperature": temperature,
-            "short_side": short_side,
-        }.items()
-        if v is not None
-    }
-    if short_side is not None and overrides.get("resize", PRESETS[preset].resize) != "dino":
-        # resize="native" ignores short_side; saying nothing would let a user believe it took effect
-        overrides["resize"] = "dino"
-    return make_preset(preset, **overrides)
-
-
-def _propagate_to_dir(propagator, video, first_mask, out_dir: Path, progress, description: str, overlay=None):
-    """Run the streaming propagator over ``video`` and write one palette PNG per frame as it goes.
-
-    Masks are written frame by frame (atomically), so an interrupted run keeps what it finished.
-    Returns the number of frames written.
-    """
-    import time
-
-    from densekit.serve.imageio import write_mask
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    task = progress.add_task(description, total=len(video), rate="")
-    t0 = time.perf_counter()
-    masks_for_overlay = [] if overlay is not None else None
-    n = 0
-    for name, mask in zip(video.names, propagator.stream(iter(video), first_mask)):
-        write_mask(out_dir / f"{name}.png", mask)
-        if masks_for_overlay is not None:
-            masks_for_overlay.append(mask)
-        n += 1
-        elapsed = time.perf_counter() - t0
-        progress.update(task, advance=1, rate=f"{n / elapsed:.1f} fps" if elapsed > 0 else "")
-    if overlay is not None:
-        from densekit.serve.imageio import write_overlay_video
-
-        write_overlay_video(overlay, iter(video), masks_for_overlay, video.fps)
-    return n
-
-
 @data_app.command("sample")
 def data_sample(
     out: Annotated[Path, typer.Argument(help="Folder to create (DAVIS-2017 layout).")],
@@ -134,17 +76,30 @@ def track(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Track the objects of a first-frame mask through a video; write one mask per frame."""
-    from densekit.retrieval.propagation import MaskPropagator
+    from densekit.retrieval.davis_protocol import progress_callback, propagate_to_dir
+    from densekit.retrieval.propagation import MaskPropagator, config_from_options
     from densekit.serve.extractor import FeatureExtractor
-    from densekit.serve.imageio import open_video, read_mask
+    from densekit.serve.imageio import open_video, read_mask, write_overlay_video
 
-    cfg = _propagation_config(preset, n_context, topk, radius, temperature, short_side)
+    cfg = config_from_options(preset, n_context=n_context, topk=topk, radius=radius, temperature=temperature,
+                              short_side=short_side)
     source = open_video(video)
     first = read_mask(mask)
-    extractor = FeatureExtractor(backbone, device=device)
-    propagator = MaskPropagator(extractor, cfg)
+    propagator = MaskPropagator(FeatureExtractor(backbone, device=device), cfg)
+    masks: list = []
+    label = f"track {video.name}"
     with progress_bar() as progress:
-        n = _propagate_to_dir(propagator, source, first, out, progress, f"track {video.name}", overlay)
+        bar = progress_callback(progress)
+        bar(label, 0, len(source))
+
+        def on_mask(done: int, m) -> None:  # noqa: ANN001 - a mask
+            if overlay is not None:
+                masks.append(m)
+            bar(label, done, len(source))
+
+        n = propagate_to_dir(propagator, iter(source), first, out, source.names, on_mask)
+        if overlay is not None:
+            write_overlay_video(overlay, iter(source), masks, source.fps)
     typer.echo(f"wrote {n} masks to {out}" + (f" and overlay {overlay}" if overlay else ""))
 
 
@@ -166,34 +121,21 @@ def eval_davis(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Propagate every sequence's first mask, then score J&F exactly as davis2017-evaluation does."""
-    from densekit.retrieval.davis_eval import evaluate_davis, format_table, plot_per_sequence, write_csvs
-    from densekit.retrieval.propagation import MaskPropagator
-    from densekit.serve.davis import DavisRoot
+    from densekit.retrieval.davis_eval import format_table, plot_per_sequence
+    from densekit.retrieval.davis_protocol import progress_callback, score_davis, select_sequences
+    from densekit.retrieval.propagation import config_from_options
     from densekit.serve.extractor import FeatureExtractor
-    from densekit.serve.imageio import open_video
 
-    cfg = _propagation_config(preset, n_context, topk, radius, temperature, short_side)
-    davis = DavisRoot(root)
-    names = davis.sequences(split)
-    if sequences:
-        wanted = [s.strip() for s in sequences.split(",") if s.strip()]
-        unknown = [s for s in wanted if s not in names]
-        if unknown:
-            raise DensekitError(f"sequence(s) not in split {split!r}: {', '.join(unknown)}")
-        names = wanted
-    if not names:
-        raise DensekitError(f"no sequences in {root} for split {split!r}")
+    cfg = config_from_options(preset, n_context=n_context, topk=topk, radius=radius, temperature=temperature,
+                              short_side=short_side)
+    wanted = [s.strip() for s in sequences.split(",") if s.strip()] if sequences else None
+    names = select_sequences(root, split, wanted)  # a mistyped name fails before the model loads
     extractor = FeatureExtractor(backbone, device=device)
-    propagator = MaskPropagator(extractor, cfg)
     with progress_bar() as progress:
-        for seq in names:
-            frames_dir = davis.frame_paths(seq)[0].parent
-            _propagate_to_dir(
-                propagator, open_video(frames_dir), davis.first_mask(seq), out / seq, progress, seq
-            )
-    result = evaluate_davis(root, out, split=split, sequences=names)
+        score = score_davis(extractor, root, cfg, out, sequences=names, on_frame=progress_callback(progress),
+                            split=split)
+    result = score.result
     split_name = split or "all"
-    write_csvs(result, out, split_name)
     plot_per_sequence(result, out / f"per-sequence_results-{split_name}.png")
     typer.echo(f"{backbone} ({preset} preset) on {root}, split {split_name}")
     typer.echo(format_table(result))

@@ -441,3 +441,65 @@ def test_davis2016_mini_matches_references(davis2016_mini: Path, tmp_path: Path)
         vos_j, vos_f = _vos_scores(gts[s], preds[s])
         obj = next(o for o in ours.objects if o.sequence == s)
         assert abs(obj.j_mean - vos_j[1]) <= 1e-9 and abs(obj.f_mean - vos_f[1]) <= 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# One protocol: the trainer's hook, `densekit eval davis` and score_davis agree
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_hook_and_cli_give_one_jf(davis2016_mini: Path, tmp_path: Path) -> None:
+    """One checkpoint, preset, short side and root: the J&F that training logs (``eval.davis`` hook) is
+    the J&F ``densekit eval davis`` prints, to the last bit. (They once resized differently: the hook
+    0.657, the command 0.649 here.)"""
+    from densekit.apps.cli import main
+    from densekit.retrieval.backbone_eval import davis_jf_for_config
+    from densekit.serve.backbones import load_backbone
+    from densekit.serve.checkpoint import save_checkpoint
+    from densekit.train.config import build_config
+
+    ckpt = tmp_path / "lite0.safetensors"
+    save_checkpoint(load_backbone("efficientnet_lite0"), ckpt)
+    ev = build_config(overrides=[f"eval.davis={davis2016_mini}", "eval.split=train", "eval.preset=dino",
+                                 "eval.short_side=240"]).eval
+    hook = davis_jf_for_config(load_backbone(ckpt), ev, "cpu")
+
+    out = tmp_path / "cli"
+    assert main(["eval", "davis", str(davis2016_mini), "--out", str(out), "--backbone", str(ckpt),
+                 "--split", "train", "--preset", "dino", "--short-side", "240"]) == 0
+    with open(out / "global_results-train.csv", newline="") as handle:
+        printed = next(csv.DictReader(handle))
+    assert printed["J&F-Mean"] == f"{hook['J&F']:.3f}" and printed["J-Mean"] == f"{hook['J']:.3f}"
+    # the CSV keeps 3 decimals: rescoring the command's masks gives its full-precision J&F
+    rescored = de.evaluate_davis(davis2016_mini, out, split="train").global_row
+    assert (rescored["J&F-Mean"], rescored["J-Mean"], rescored["F-Mean"]) == (hook["J&F"], hook["J"], hook["F"])
+    assert 0.3 < hook["J&F"] < 1.0  # pretrained features track: a real score, not two equal failures
+
+
+def test_score_davis_is_the_protocol_of_the_hook_and_the_command(tmp_path: Path) -> None:
+    """On a small sample (no shared data needed): the hook, the command and score_davis itself give one
+    J&F; frames are processed at the config's size and masks come back at the frames' own size."""
+    from densekit.apps.cli import main
+    from densekit.retrieval.backbone_eval import davis_jf
+    from densekit.retrieval.davis_protocol import score_davis
+    from densekit.retrieval.propagation import preset, processing_size
+    from densekit.serve.backbones import load_backbone
+    from densekit.serve.extractor import FeatureExtractor
+    from densekit.serve.imageio import read_mask
+    from densekit.serve.sample import make_sample
+
+    root = make_sample(tmp_path / "sample", sequences=3, frames=6, height=64, width=112, seed=0)
+    ext = FeatureExtractor("pixels")
+    score = score_davis(ext, root, preset("crw", short_side=48), tmp_path / "direct", split="val")
+    hook = davis_jf(load_backbone("pixels"), root, split="val", preset="crw", short_side=48)
+    assert main(["eval", "davis", str(root), "--out", str(tmp_path / "cli"), "--backbone", "pixels",
+                 "--split", "val", "--preset", "crw", "--short-side", "48"]) == 0
+    cli = de.evaluate_davis(root, tmp_path / "cli", split="val").global_row
+    assert score.summary() == hook == {"J&F": cli["J&F-Mean"], "J": cli["J-Mean"], "F": cli["F-Mean"]}
+    assert score.csvs[0].name == "global_results-val.csv" and score.csvs[0].is_file()
+    want = processing_size(64, 112, score.config, ext.meta.input_multiple)
+    assert want[0] == 48 and set(score.processing_sizes.values()) == {want}
+    seq = score.sequences[0]
+    assert read_mask(tmp_path / "direct" / seq / "00003.png").shape == (64, 112)
+    assert score.frames == 6 * len(score.sequences)
