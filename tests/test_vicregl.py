@@ -11,7 +11,8 @@ from torch.utils.data import default_collate
 from densekit.serve.backbones import DenseBackbone, build_backbone
 from densekit.serve.contract import ModelMeta
 from densekit.serve.errors import DensekitError
-from densekit.train.objectives.vicregl import VICRegL, cell_locations, nearest_matches
+from densekit.train.augment import cell_locations
+from densekit.train.objectives.vicregl import VICRegL, nearest_matches
 
 
 def images(n: int, size: int = 80, seed: int = 0) -> list[np.ndarray]:
@@ -62,7 +63,7 @@ def test_transform_shapes_and_boxes() -> None:
 
 def test_transform_view_is_the_box_content() -> None:
     """An un-augmented crop of a horizontal ramp: pixel values follow the box (and its flip)."""
-    from densekit.train.objectives.vicregl import crop_resize
+    from densekit.train.augment import crop_resize
 
     ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (32, 1, 3))
     v = crop_resize(ramp, (16.0, 0.0, 48.0, 32.0), (32, 32))

@@ -28,11 +28,8 @@ Differences from the official code, on purpose:
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 from typing import ClassVar
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,121 +37,36 @@ from torch import nn
 
 from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
+from densekit.train.augment import MOCO_V2, Photometric, RandomView, normalize
 from densekit.train.dist import concat_all_gather
 from densekit.train.objective import Objective, Transform
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CPU augmentations (numpy / OpenCV, driven by the trainer's np.random.Generator)
-
-
-@dataclass(frozen=True)
-class ColorAugment:
-    """SimCLR/MoCo v2-style photometric augmentation on float RGB in [0, 1] (torchvision semantics).
-
-    ColorJitter(brightness, contrast, saturation, hue) applied with probability ``p_jitter`` in a random order,
-    RandomGrayscale(``p_gray``), GaussianBlur(sigma in ``blur_sigma``) with probability ``p_blur``.
-    Defaults are MoCo v2's (Chen et al. 2020, ``moco/main_moco.py``: 0.4, 0.4, 0.4, 0.1, p 0.8; gray 0.2;
-    blur sigma [0.1, 2.0] p 0.5), which DenseCL uses unchanged.
-    """
-
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    p_jitter: float = 0.8
-    p_gray: float = 0.2
-    p_blur: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(H, W, 3) float32 RGB in [0, 1] -> augmented (H, W, 3) float32 in [0, 1]."""
-        out = img.astype(np.float32, copy=True)
-        if rng.random() < self.p_jitter:
-            for op in rng.permutation(4):
-                out = self._jitter(out, int(op), rng)
-        if rng.random() < self.p_gray:
-            out = np.repeat(_luma(out)[..., None], 3, axis=2)
-        if rng.random() < self.p_blur:
-            sigma = float(rng.uniform(*self.blur_sigma))
-            out = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
-        return np.clip(out, 0.0, 1.0)
-
-    def _jitter(self, img: np.ndarray, op: int, rng: np.random.Generator) -> np.ndarray:
-        if op == 0 and self.brightness > 0:
-            return np.clip(img * rng.uniform(1 - self.brightness, 1 + self.brightness), 0, 1)
-        if op == 1 and self.contrast > 0:
-            mean = float(_luma(img).mean())
-            return np.clip((img - mean) * rng.uniform(1 - self.contrast, 1 + self.contrast) + mean, 0, 1)
-        if op == 2 and self.saturation > 0:
-            gray = _luma(img)[..., None]
-            return np.clip((img - gray) * rng.uniform(1 - self.saturation, 1 + self.saturation) + gray, 0, 1)
-        if op == 3 and self.hue > 0:
-            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # float32: H in [0, 360)
-            hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * rng.uniform(-self.hue, self.hue), 360.0)
-            return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0, 1)
-        return img
-
-
-def _luma(img: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma, as torchvision's rgb_to_grayscale."""
-    return (0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2]).astype(np.float32)
-
-
-def random_resized_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
-                       rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision ``RandomResizedCrop.get_params`` with a numpy generator -> (top, left, height, width)."""
-    area = h * w
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        r = math.exp(rng.uniform(*log_r))
-        cw, ch = int(round(math.sqrt(target * r))), int(round(math.sqrt(target / r)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    # fallback: central crop with the ratio clamped (torchvision's behaviour)
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def normalize_chw(img: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(H, W, 3) float RGB in [0, 1] -> (3, H, W) float32 normalised with ``mean``/``std``."""
-    out = (img - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+# CPU augmentation
 
 
 class DenseCLTransform:
     """MoCo v2 two-view augmentation (DenseCL's pipeline), picklable.
 
     ``__call__([image (H, W, 3) uint8], rng)`` -> ``{"view1", "view2"}``: (3, S, S) float32 each, normalised with
-    the backbone's mean/std. RandomResizedCrop(S, scale ``crop_scale``), ColorAugment, horizontal flip p 0.5.
+    the backbone's mean/std. RandomResizedCrop(S, scale ``crop_scale``) resampled with OpenCV's resize (area when
+    shrinking), horizontal flip p 0.5, :data:`densekit.train.augment.MOCO_V2` colour augmentation.
     """
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 crop_scale: tuple[float, float] = (0.2, 1.0), color: ColorAugment | None = None) -> None:
+                 crop_scale: tuple[float, float] = (0.2, 1.0), color: Photometric | None = None) -> None:
         self.size = int(size)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.crop_scale = tuple(crop_scale)
-        self.color = color or ColorAugment()
+        self.view = RandomView(color or MOCO_V2, scale=tuple(crop_scale), resample="resize")
 
     def __call__(self, frames: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         img = frames[0].astype(np.float32) / 255.0
         return {"view1": self._view(img, rng), "view2": self._view(img, rng)}
 
     def _view(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        h, w = img.shape[:2]
-        top, left, ch, cw = random_resized_box(h, w, self.crop_scale, (3 / 4, 4 / 3), rng)
-        crop = cv2.resize(img[top : top + ch, left : left + cw], (self.size, self.size),
-                          interpolation=cv2.INTER_LINEAR if ch < self.size else cv2.INTER_AREA)
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        return normalize_chw(self.color(np.ascontiguousarray(crop), rng), self.mean, self.std)
+        view, _ = self.view(img, (self.size, self.size), rng)
+        return normalize(view, self.mean, self.std)
 
 
 # ----------------------------------------------------------------------------------------------------------------

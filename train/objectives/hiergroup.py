@@ -29,6 +29,7 @@ reading, each marked as such:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -39,14 +40,8 @@ from torch import nn
 from densekit.serve.backbones import DenseBackbone, EfficientNetLiteDense, ResNetDense
 from densekit.serve.errors import DensekitError
 from densekit.train.dist import all_reduce_sum, gather_with_grad, rank, world_size
+from densekit.train.augment import MOCO_V2, RandomView, normalize, view_size
 from densekit.train.objective import Objective, Transform
-from densekit.train.objectives.vicregl import (
-    PhotometricAug,
-    crop_resize,
-    normalise,
-    random_resized_crop_box,
-    view_size,
-)
 from densekit.train.regions import ATTRIBUTES, build_hierarchy, grid_labels, sample_region_pairs
 
 EMBED_STRIDE = 4
@@ -137,7 +132,9 @@ class HierGroupTransform:
         self.sigma_p, self.regions, self.positives = float(sigma_p), int(regions), int(positives)
         self.negatives, self.cns, self.attribute = int(negatives), int(cns), str(attribute)
         self.ucm_max_side = int(ucm_max_side)
-        self.aug = PhotometricAug(jitter=(0.4, 0.4, 0.4, 0.1), p_blur=0.5, p_solarize=0.0)
+        # MoCo v2's colours; p_solarize 0.0 (not None) keeps the draw the first version made, so seeds give
+        # the views they always gave
+        self.view = RandomView(dataclasses.replace(MOCO_V2, p_solarize=0.0), scale=self.scale)
 
     def __call__(self, frames: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         import cv2
@@ -154,9 +151,8 @@ class HierGroupTransform:
         grid = (out_hw[0] // EMBED_STRIDE, out_hw[1] // EMBED_STRIDE)
         out: dict[str, np.ndarray] = {}
         for k in (1, 2):
-            x0, y0, x1, y1 = random_resized_crop_box(rng, H, W, self.scale)
-            box = (x1, y0, x0, y1) if rng.random() < 0.5 else (x0, y0, x1, y1)
-            out[f"view{k}"] = normalise(self.aug(crop_resize(image, box, out_hw), rng), self.mean, self.std)
+            pixels, box = self.view(image, out_hw, rng)
+            out[f"view{k}"] = normalize(pixels, self.mean, self.std)
             out[f"box{k}"] = np.asarray(box, np.float32)
             out[f"labels{k}"] = grid_labels(labels, (H, W), box, grid).astype(np.int64)
         pairs = sample_region_pairs(out["labels1"], out["labels2"], rng, self.regions, self.positives,

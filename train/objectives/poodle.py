@@ -45,17 +45,12 @@ from torch import nn
 
 from densekit.serve.backbones import DenseBackbone, ResNetDense
 from densekit.serve.errors import DensekitError
+from densekit.train.augment import POODLE, Photometric, normalize
 from densekit.train.flow import (OCC_ALPHA1, OCC_ALPHA2, FlowEstimator, affine_to_normalized, apply_affine,
                                  identity_grid, inside, occlusion_mask, resolve_flow_method)
 from densekit.train.objective import Objective, Transform
-from densekit.train.objectives.densecl import ColorAugment, normalize_chw
 
 MAX_TRIES_PER_CROP = 5  # official code: MAX_TRIES_PER_CROP = 5
-
-# PooDLe's BDD100K dataset (src/datasets/bdd100k.py, color_distortion_strength s = 1):
-# ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) p 0.8, RandomGrayscale 0.2, GaussianBlur sigma (0.1, 2.0) p 0.5.
-POODLE_COLOR = ColorAugment(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p_jitter=0.8, p_gray=0.2,
-                            p_blur=0.5, blur_sigma=(0.1, 2.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +76,7 @@ class PooDLeTransform:
                  mean: tuple[float, ...], std: tuple[float, ...], flow_method: str,
                  affine_degrees: float, affine_scale: tuple[float, float], flip: bool,
                  subcrop_num: int, subcrop_scale: tuple[float, float], subcrop_ratio: tuple[float, float],
-                 subcrop_size: int, subcrop_jitter: float, color: ColorAugment = POODLE_COLOR) -> None:
+                 subcrop_size: int, subcrop_jitter: float, color: Photometric = POODLE) -> None:
         self.crop_size = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
         self.resize_short, self.resize_scale = int(resize_short), tuple(resize_scale)
         self.input_multiple = int(input_multiple)
@@ -146,7 +141,7 @@ class PooDLeTransform:
             m = np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ m
         view = cv2.warpAffine(img, m[:2], (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                               borderValue=(0.0, 0.0, 0.0))
-        return normalize_chw(view, self.mean, self.std), affine_to_normalized(m[:2], h, w)
+        return normalize(view, self.mean, self.std), affine_to_normalized(m[:2], h, w)
 
     def _box(self, h: int, w: int, scale: float, rng: np.random.Generator) -> tuple[int, int]:
         """(height, width) of a crop with area ``scale`` * h * w and a log-uniform aspect ratio, inside (h, w)."""
@@ -204,7 +199,7 @@ class PooDLeTransform:
         crop = img[y0 : y0 + ch, x0 : x0 + cw]
         s = self.subcrop_size
         crop = cv2.resize(crop, (s, s), interpolation=cv2.INTER_AREA if min(ch, cw) > s else cv2.INTER_LINEAR)
-        return normalize_chw(crop, self.mean, self.std)
+        return normalize(crop, self.mean, self.std)
 
 
 # ----------------------------------------------------------------------------------------------------------------

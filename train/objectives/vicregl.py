@@ -29,14 +29,10 @@ batch for each match slot (``_vicreg_loss`` in ``main_vicregl.py``). Variance an
 Geometry: the transform returns each view's crop box ``(x_left, y_top, x_right, y_bottom)`` in the input frame's
 pixel coordinates, where ``x_left`` is the x of the view's left edge: for a horizontally flipped view
 ``x_left > x_right``. A feature cell's location is the image point under its centre.
-
-This module also holds the small numpy/OpenCV view-augmentation helpers that the hiergroup objective reuses.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -46,175 +42,36 @@ from torch import nn
 
 from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
+from densekit.train.augment import VICREG_VIEW1, VICREG_VIEW2, RandomView, cell_locations, normalize, view_size
 from densekit.train.dist import gather_with_grad, world_size
 from densekit.train.objective import Objective, Transform
 
 # ----------------------------------------------------------------------------------------------------
-# View augmentation (numpy / OpenCV; runs in DataLoader workers)
+# Views
 # ----------------------------------------------------------------------------------------------------
-
-
-def random_resized_crop_box(
-    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-) -> tuple[float, float, float, float]:
-    """torchvision's RandomResizedCrop box sampling (10 tries, then the centre crop clamped to ``ratio``).
-
-    Returns:
-        (x0, y0, x1, y1) in continuous pixel coordinates of a (height, width) frame (pixel i covers [i, i+1)).
-    """
-    area = float(height * width)
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * float(rng.uniform(scale[0], scale[1]))
-        r = math.exp(float(rng.uniform(*log_r)))
-        w = int(round(math.sqrt(target * r)))
-        h = int(round(math.sqrt(target / r)))
-        if 0 < w <= width and 0 < h <= height:
-            y0 = int(rng.integers(0, height - h + 1))
-            x0 = int(rng.integers(0, width - w + 1))
-            return float(x0), float(y0), float(x0 + w), float(y0 + h)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    y0, x0 = (height - h) // 2, (width - w) // 2
-    return float(x0), float(y0), float(x0 + w), float(y0 + h)
-
-
-def crop_resize(image: np.ndarray, box: tuple[float, float, float, float], out_hw: tuple[int, int]) -> np.ndarray:
-    """Resample ``image`` inside ``box`` = (x_left, y_top, x_right, y_bottom) to ``out_hw`` (bilinear).
-
-    Output pixel (u, v) samples the image point x = x_left + (u + 0.5) (x_right - x_left) / W_out (same for y),
-    so ``x_left > x_right`` gives a horizontally flipped view. (H, W, C) uint8 -> (h, w, C) uint8.
-    """
-    import cv2
-
-    oh, ow = out_hw
-    xl, yt, xr, yb = box
-    ax, ay = (xr - xl) / ow, (yb - yt) / oh
-    # OpenCV puts pixel centres at integers: continuous x = cv_x + 0.5
-    m = np.array([[ax, 0.0, xl + 0.5 * ax - 0.5], [0.0, ay, yt + 0.5 * ay - 0.5]], dtype=np.float64)
-    interp = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    return cv2.warpAffine(image, m, (ow, oh), flags=interp, borderMode=cv2.BORDER_REFLECT_101)
-
-
-@dataclass(frozen=True)
-class PhotometricAug:
-    """VICReg/BYOL-style photometric augmentation (numpy/OpenCV), probabilities per view.
-
-    Colour jitter strengths follow torchvision's ColorJitter (brightness, contrast, saturation factors uniform in
-    [1 - s, 1 + s], hue shift uniform in [-h, h] of a full turn), applied in a random order.
-    """
-
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    p_jitter: float = 0.8
-    p_gray: float = 0.2
-    p_blur: float = 1.0
-    p_solarize: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(H, W, 3) uint8 RGB -> (H, W, 3) float32 RGB in [0, 1]."""
-        import cv2
-
-        x = image.astype(np.float32) / 255.0
-        if rng.random() < self.p_jitter:
-            b, c, s, h = self.jitter
-            for op in rng.permutation(4):
-                if op == 0 and b > 0:
-                    x = x * float(rng.uniform(1 - b, 1 + b))
-                elif op == 1 and c > 0:
-                    mean = float(_gray(x).mean())
-                    x = (x - mean) * float(rng.uniform(1 - c, 1 + c)) + mean
-                elif op == 2 and s > 0:
-                    g = _gray(x)[..., None]
-                    x = (x - g) * float(rng.uniform(1 - s, 1 + s)) + g
-                elif op == 3 and h > 0:
-                    hsv = cv2.cvtColor(np.clip(x, 0, 1), cv2.COLOR_RGB2HSV)  # float32: H in [0, 360)
-                    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * float(rng.uniform(-h, h)), 360.0)
-                    x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-                x = np.clip(x, 0.0, 1.0)
-        if rng.random() < self.p_gray:
-            x = np.repeat(_gray(x)[..., None], 3, axis=2)
-        if rng.random() < self.p_blur:
-            sigma = float(rng.uniform(*self.blur_sigma))
-            x = cv2.GaussianBlur(x, (0, 0), sigma)
-        if rng.random() < self.p_solarize:
-            x = np.where(x >= 0.5, 1.0 - x, x)
-        return np.clip(x, 0.0, 1.0).astype(np.float32)
-
-
-def _gray(x: np.ndarray) -> np.ndarray:
-    return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]).astype(np.float32)
-
-
-def normalise(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1] -> (3, H, W) float32 normalised with ``mean``/``std``."""
-    m = np.asarray(mean, np.float32)
-    s = np.asarray(std, np.float32)
-    return np.ascontiguousarray(((x - m) / s).transpose(2, 0, 1))
-
-
-def view_size(frame_hw: tuple[int, int], size: int, multiple: int) -> tuple[int, int]:
-    """Output (h, w) of a view: ``size`` x ``size`` if size > 0, else the frame's size rounded down to ``multiple``."""
-    if size > 0:
-        h = w = size
-    else:
-        h, w = frame_hw
-    h, w = (h // multiple) * multiple, (w // multiple) * multiple
-    if h <= 0 or w <= 0:
-        raise DensekitError(f"view size {frame_hw} is smaller than the backbone's input multiple {multiple}")
-    return h, w
-
-
-def cell_locations(boxes: torch.Tensor, view_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Image point under each feature cell's centre.
-
-    Args:
-        boxes: (B, 4) (x_left, y_top, x_right, y_bottom) crop boxes in frame pixels (x_left > x_right = flipped).
-        view_hw: the view's (H, W) in pixels.
-        grid_hw: the feature map's (h, w); cell (i, j) covers view pixels [j W/w, (j+1) W/w) x [i H/h, ...).
-    Returns:
-        (B, h*w, 2) float (x, y) in frame pixels, raster order.
-    """
-    h, w = grid_hw
-    fy = (torch.arange(h, device=boxes.device, dtype=boxes.dtype) + 0.5) / h
-    fx = (torch.arange(w, device=boxes.device, dtype=boxes.dtype) + 0.5) / w
-    xl, yt, xr, yb = boxes.unbind(dim=1)
-    xs = xl[:, None] + fx[None, :] * (xr - xl)[:, None]  # (B, w)
-    ys = yt[:, None] + fy[None, :] * (yb - yt)[:, None]  # (B, h)
-    grid_x = xs[:, None, :].expand(-1, h, -1)
-    grid_y = ys[:, :, None].expand(-1, -1, w)
-    return torch.stack([grid_x, grid_y], dim=-1).reshape(boxes.shape[0], h * w, 2)
 
 
 class VICRegLTransform:
     """Two global views of one frame with their crop boxes (picklable; captures plain numbers only).
 
-    Returns ``{"view1", "view2": (3, h, w) float32 normalised, "box1", "box2": (4,) float32}``.
+    Returns ``{"view1", "view2": (3, h, w) float32 normalised, "box1", "box2": (4,) float32}``; views are
+    bilinear crops (``warp``, so cell locations are exact) with VICReg's asymmetric photometric augmentation
+    (:data:`densekit.train.augment.VICREG_VIEW1` / ``VICREG_VIEW2``).
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], multiple: int, size: int = 0,
                  scale: tuple[float, float] = (0.4, 1.0)) -> None:
         self.mean, self.std, self.multiple, self.size = tuple(mean), tuple(std), int(multiple), int(size)
         self.scale = (float(scale[0]), float(scale[1]))
-        # VICReg (Bardes et al. 2022, Appendix C): asymmetric blur / solarisation between the two views
-        self.augs = (PhotometricAug(p_blur=1.0, p_solarize=0.0), PhotometricAug(p_blur=0.1, p_solarize=0.2))
+        self.views = (RandomView(VICREG_VIEW1, scale=self.scale), RandomView(VICREG_VIEW2, scale=self.scale))
 
     def __call__(self, frames: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image = frames[0]
-        H, W = image.shape[:2]
-        out_hw = view_size((H, W), self.size, self.multiple)
+        out_hw = view_size(image.shape[:2], self.size, self.multiple)
         out: dict[str, np.ndarray] = {}
-        for k, aug in enumerate(self.augs, start=1):
-            x0, y0, x1, y1 = random_resized_crop_box(rng, H, W, self.scale)
-            box = (x1, y0, x0, y1) if rng.random() < 0.5 else (x0, y0, x1, y1)
-            view = aug(crop_resize(image, box, out_hw), rng)
-            out[f"view{k}"] = normalise(view, self.mean, self.std)
+        for k, view in enumerate(self.views, start=1):
+            pixels, box = view(image, out_hw, rng)
+            out[f"view{k}"] = normalize(pixels, self.mean, self.std)
             out[f"box{k}"] = np.asarray(box, np.float32)
         return out
 
