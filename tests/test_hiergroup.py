@@ -44,12 +44,12 @@ def test_hypercolumn_head_is_32d_at_stride_4(objective: HierGroupContrast) -> No
     assert z.shape == (2, 32, 16, 24)
     assert torch.allclose(z.norm(dim=1), torch.ones(2, 16, 24), atol=1e-5)
     # layer1 (s4), layer2 (s8) and layer3 (s8) of the dense ResNet-18 feed the hypercolumn: 64 + 128 + 256
-    assert objective.head.mlp[0].in_channels == 64 + 128 + 256
+    assert objective.head.mlp.in_dim == 64 + 128 + 256
 
 
 def test_hypercolumn_with_decoder_backbone_uses_every_stage() -> None:
     obj = HierGroupContrast(build_backbone("resnet18", decoder=True), size=64)
-    assert obj.head.mlp[0].in_channels == 64 + 128 + 256 + 512 + 256  # layer1..4 + decoder
+    assert obj.head.mlp.in_dim == 64 + 128 + 256 + 512 + 256  # layer1..4 + decoder
     z = obj.embed(torch.randn(1, 3, 64, 64))
     assert z.shape == (1, 32, 16, 16)
     z.sum().backward()

@@ -39,6 +39,7 @@ from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
 from densekit.train.augment import MOCO_V2, Photometric, RandomView, normalize
 from densekit.train.dist import concat_all_gather
+from densekit.train.heads import mlp_head
 from densekit.train.objective import Objective, Transform
 
 
@@ -81,9 +82,8 @@ class DenseCLNeck(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-        self.mlp2 = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(hidden_dim, out_dim, 1))
+        self.mlp = mlp_head(in_dim, [hidden_dim, out_dim], norm=False)  # MoCo v2: Linear-ReLU-Linear
+        self.mlp2 = mlp_head(in_dim, [hidden_dim, out_dim], norm=False, dense=True)  # the same per location
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.mlp(x.mean(dim=(2, 3)))

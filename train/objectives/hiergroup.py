@@ -40,6 +40,7 @@ from torch import nn
 from densekit.serve.backbones import DenseBackbone, EfficientNetLiteDense, ResNetDense
 from densekit.serve.errors import DensekitError
 from densekit.train.dist import all_reduce_sum, gather_with_grad, rank, world_size
+from densekit.train.heads import mlp_head
 from densekit.train.augment import MOCO_V2, RandomView, normalize, view_size
 from densekit.train.objective import Objective, Transform
 from densekit.train.regions import ATTRIBUTES, build_hierarchy, grid_labels, sample_region_pairs
@@ -96,10 +97,7 @@ class HypercolumnHead(nn.Module):
 
     def __init__(self, in_channels: list[int], dim: int = 32, hidden: int = 256) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Conv2d(sum(in_channels), hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, dim, 1),
-        )
+        self.mlp = mlp_head(sum(in_channels), [hidden, dim], dense=True)  # 1x1 Conv-BN-ReLU-1x1 Conv
 
     def forward(self, feats: list[torch.Tensor], out_hw: tuple[int, int]) -> torch.Tensor:
         up = [f if f.shape[-2:] == out_hw else F.interpolate(f, size=out_hw, mode="bilinear", align_corners=False)

@@ -48,6 +48,7 @@ from densekit.serve.errors import DensekitError
 from densekit.train.augment import POODLE, Photometric, normalize
 from densekit.train.flow import (OCC_ALPHA1, OCC_ALPHA2, FlowEstimator, affine_to_normalized, apply_affine,
                                  identity_grid, inside, occlusion_mask, resolve_flow_method)
+from densekit.train.heads import mlp_head
 from densekit.train.objective import Objective, Transform
 
 MAX_TRIES_PER_CROP = 5  # official code: MAX_TRIES_PER_CROP = 5
@@ -203,31 +204,7 @@ class PooDLeTransform:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# heads and the dense loss
-
-
-class ConvMLP(nn.Module):
-    """PooDLe's dense projector/predictor: Conv1x1 -> BN -> ReLU -> Conv1x1. (B, in, h, w) -> (B, out, h, w)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
-                                 nn.Conv2d(hidden_dim, out_dim, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class MLP(nn.Module):
-    """PooDLe's pooled projector/predictor (BYOL): Linear -> BN -> ReLU -> Linear. (N, in) -> (N, out)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+# the dense loss
 
 
 def dense_equivariance_loss(student: torch.Tensor, teacher: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor,
@@ -354,10 +331,11 @@ class PooDLe(Objective):
 
         dec_dim = backbone.meta.dim
         last_dim = _last_stage_dim(body)
-        self.dense_projector = ConvMLP(dec_dim, hidden_dim, proj_dim)
-        self.dense_predictor = ConvMLP(proj_dim, hidden_dim, proj_dim)
-        self.pooled_projector = MLP(last_dim, hidden_dim, proj_dim)
-        self.pooled_predictor = MLP(proj_dim, hidden_dim, proj_dim)
+        # PooDLe's (BYOL's) projectors and predictors: Linear-BN-ReLU-Linear, the dense ones per location
+        self.dense_projector = mlp_head(dec_dim, [hidden_dim, proj_dim], dense=True)
+        self.dense_predictor = mlp_head(proj_dim, [hidden_dim, proj_dim], dense=True)
+        self.pooled_projector = mlp_head(last_dim, [hidden_dim, proj_dim])
+        self.pooled_predictor = mlp_head(proj_dim, [hidden_dim, proj_dim])
         self.teacher_backbone = copy.deepcopy(backbone)
         self.teacher_dense_projector = copy.deepcopy(self.dense_projector)
         self.teacher_pooled_projector = copy.deepcopy(self.pooled_projector)

@@ -44,6 +44,7 @@ from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
 from densekit.train.augment import VICREG_VIEW1, VICREG_VIEW2, RandomView, cell_locations, normalize, view_size
 from densekit.train.dist import gather_with_grad, world_size
+from densekit.train.heads import mlp_head
 from densekit.train.objective import Objective, Transform
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,44 +90,6 @@ def _dims(spec: str, name: str) -> list[int]:
     if not dims or min(dims) <= 0:
         raise DensekitError(f"vicregl: {name} must look like '8192-8192-8192' (positive widths), got {spec!r}")
     return dims
-
-
-class Expander(nn.Module):
-    """VICReg expander: Linear-BN-ReLU blocks then a bias-free Linear (official ``utils.MLP``).
-
-    ``forward``: (B, in_dim) -> (B, dims[-1]).
-    """
-
-    def __init__(self, in_dim: int, dims: list[int]) -> None:
-        super().__init__()
-        f = [in_dim, *dims]
-        layers: list[nn.Module] = []
-        for a, b in zip(f[:-2], f[1:-1]):
-            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-        layers.append(nn.Linear(f[-2], f[-1], bias=False))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class MapsExpander(nn.Module):
-    """The local expander applied at every location (1x1 convolutions; BN over batch and positions).
-
-    ``forward``: (B, in_dim, h, w) -> (B, h*w, dims[-1]).
-    """
-
-    def __init__(self, in_dim: int, dims: list[int]) -> None:
-        super().__init__()
-        f = [in_dim, *dims]
-        layers: list[nn.Module] = []
-        for a, b in zip(f[:-2], f[1:-1]):
-            layers += [nn.Conv2d(a, b, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-        layers.append(nn.Conv2d(f[-2], f[-1], 1, bias=False))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten(2).transpose(1, 2)
 
 
 def nearest_matches(distances: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +168,10 @@ class VICRegL(Objective):
         self.alpha, self.inv_coeff, self.var_coeff, self.cov_coeff = alpha, inv_coeff, var_coeff, cov_coeff
         self.num_matches, self.l2_all_matches, self.eps = int(num_matches), bool(l2_all_matches), float(eps)
         self.size, self.scale = int(size), (float(min_scale), float(max_scale))
-        self.projector = Expander(dim, _dims(mlp, "mlp"))
-        self.maps_projector = MapsExpander(dim, _dims(maps_mlp, "maps_mlp"))
+        # VICReg's expander (official utils.MLP): Linear-BN-ReLU blocks, a bias-free last Linear; the local one
+        # per location (1x1 convolutions, BN over batch and positions)
+        self.projector = mlp_head(dim, _dims(mlp, "mlp"), last_bias=False)
+        self.maps_projector = mlp_head(dim, _dims(maps_mlp, "maps_mlp"), last_bias=False, dense=True)
 
     def transform(self) -> Transform:
         meta = self.backbone.meta
@@ -294,7 +259,7 @@ class VICRegL(Objective):
         for v, box in zip(views, boxes):
             f = self.backbone(v)  # each view on its own, like the official code (BN statistics per view)
             z.append(self.projector(f.mean(dim=(2, 3))))
-            maps.append(self.maps_projector(f))
+            maps.append(self.maps_projector(f).flatten(2).transpose(1, 2))  # (B, h*w, C)
             locs.append(cell_locations(box, (v.shape[-2], v.shape[-1]), (f.shape[-2], f.shape[-1])))
         g = self.global_terms(z[0], z[1])
         # official local_loss: ordered pairs (0, 1) and (1, 0), averaged
