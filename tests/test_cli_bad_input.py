@@ -9,6 +9,8 @@ a path below a regular file, which is missing when read and unwritable when writ
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,3 +205,22 @@ def test_preset_help_names_every_preset_with_its_settings() -> None:
         assert f"{name} (n={cfg.n_last}, k={cfg.topk}, T={cfg.temperature:g}, " in PRESET_HELP, name
         size = "native size" if cfg.resize == "native" else f"{cfg.short_side} short side"
         assert size in PRESET_HELP.split(f"{name} (")[1].split(")")[0], name
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_a_missing_extra_is_one_line_naming_it() -> None:
+    # None in sys.modules is how Python itself refuses an import: gradio behaves as if not installed
+    out = _python("import sys; sys.modules['gradio'] = None\n"
+                  "from densekit.apps.cli import main; sys.exit(main(['app', '--model', 'pixels']))")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "error: this needs gradio, which is not installed: pip install 'densekit[app]'"
+
+
+def test_a_command_module_that_cannot_be_imported_is_said_not_skipped() -> None:
+    out = _python("import sys; sys.modules['densekit.apps.cmd_serve'] = None\nimport densekit.apps.cli")
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: densekit is installed incompletely (") and "cmd_serve" in line
