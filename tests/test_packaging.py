@@ -71,7 +71,7 @@ def test_areas_import_as_densekit_namespace(area: str) -> None:
 @pytest.mark.parametrize(
     "args",
     [[], ["track"], ["eval", "davis"], ["eval", "retrieval"], ["data", "sample"], ["info"], ["train"], ["serve"],
-     ["export", "onnx"], ["export", "trt"], ["index", "build"], ["index", "search"], ["app"], ["demo"]],
+     ["export", "onnx"], ["export", "trt"], ["export", "triton"], ["index", "build"], ["index", "search"], ["app"], ["demo"]],
 )
 def test_help_does_not_import_torch(args: list[str]) -> None:
     code = (
@@ -115,6 +115,12 @@ def test_public_api_is_lazy_and_complete() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_densekit_is_apps_api() -> None:
+    import densekit
+
+    assert Path(densekit.__file__).resolve() == ROOT / "apps" / "api" / "__init__.py"
 
 
 def _package_dirs() -> dict[str, Path]:
