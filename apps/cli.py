@@ -147,7 +147,7 @@ def info(
     model: Annotated[str, typer.Argument(help=BACKBONE_HELP)],
 ) -> None:
     """Print a backbone's metadata contract (name, stride, dim, normalisation, version)."""
-    from densekit.serve.backbones import load_backbone
+    from densekit.serve.loader import load_backbone
 
     backbone = load_backbone(model)
     typer.echo(backbone.meta.to_json())

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from densekit.export.onnx import export_onnx
     from densekit.export.parity import compare, real_images
-    from densekit.serve.backbones import load_backbone
     from densekit.serve.extractor import OnnxRuntimeBackend, preprocess
+    from densekit.serve.loader import load_backbone
 
     h, w = (int(v) for v in args.size.split(","))
     photos = real_images()
@@ -105,8 +105,8 @@ def gpu_rows(args, tmp: Path, h: int, w: int, photos) -> None:
     """TensorRT fp16 engine vs ONNX Runtime CUDA, same ONNX file, same frames."""
     from densekit.export.onnx import export_onnx
     from densekit.export.trt import build_engine
-    from densekit.serve.backbones import load_backbone
     from densekit.serve.extractor import OnnxRuntimeBackend, TensorRTBackend, preprocess
+    from densekit.serve.loader import load_backbone
 
     print(
         f"| {'model (GPU)':<28} | {'build s':>8} | {'ORT CUDA ms/frame':>17} | {'TRT fp16 ms/frame':>17} | "

@@ -150,7 +150,8 @@ def pin_vit_input_size(net: Any, static: tuple[int, int]) -> Any:
 
 def load_model_for_export(model: Any, seed: int = 0) -> Any:
     """A DenseBackbone from a name, a checkpoint path or a DenseBackbone (eval mode)."""
-    from densekit.serve.backbones import DenseBackbone, load_backbone
+    from densekit.serve.backbones import DenseBackbone
+    from densekit.serve.loader import load_backbone
 
     if isinstance(model, DenseBackbone):
         return model.eval()

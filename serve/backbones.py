@@ -88,9 +88,6 @@ LITE_STD = (128.0 / 255.0,) * 3
 LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
 LITE0_NUM_STAGES = 4  # keep timm blocks[0..3]; blocks[3] is 80 channels at stride 8 (output_stride=8)
 
-CHECKPOINT_SUFFIXES = (".safetensors",)
-LATER_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -580,25 +577,6 @@ def build_backbone(name: str, *, seed: int = 0, decoder: bool = False) -> DenseB
         DensekitError: unknown name, unknown timm model, or decoder for a non-ResNet.
     """
     return build_from_arch(name, default_arch(name, decoder=decoder), seed=seed, pretrained=True)
-
-
-def load_backbone(name_or_path: str | Path, seed: int = 0) -> DenseBackbone:
-    """A built-in name (see :func:`build_backbone`) or a path to a ``.safetensors`` checkpoint."""
-    text = str(name_or_path)
-    suffix = Path(text).suffix.lower()
-    if suffix in CHECKPOINT_SUFFIXES:
-        from densekit.serve.checkpoint import load_checkpoint
-
-        return load_checkpoint(text)
-    if suffix in LATER_SUFFIXES:
-        raise DensekitError(f"{text}: {suffix} models are not supported yet by load_backbone")
-    if suffix in PICKLE_SUFFIXES:
-        raise DensekitError(
-            f"{text}: densekit reads .safetensors checkpoints only (it never unpickles {suffix} files)"
-        )
-    if isinstance(name_or_path, Path) or Path(text).exists():
-        raise DensekitError(f"{text}: not a backbone name or a .safetensors checkpoint")
-    return build_backbone(text, seed=seed)
 
 
 # the built-in families; the keys are stored in checkpoints' meta.arch["family"]

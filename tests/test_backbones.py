@@ -13,9 +13,9 @@ from torch import nn
 
 from densekit.serve.backbones import (
     BUILTIN_NAMES,
+    FAMILIES,
     LITE_MEAN,
     LITE_STD,
-    FAMILIES,
     BackboneFamily,
     DenseBackbone,
     DenseBody,
@@ -24,9 +24,9 @@ from densekit.serve.backbones import (
     build_lite0_classifier,
     default_arch,
     register_family,
-    load_backbone,
 )
 from densekit.serve.errors import DensekitError
+from densekit.serve.loader import load_backbone
 
 VIT = "timm:vit_tiny_patch16_224"
 
@@ -243,7 +243,7 @@ def test_unknown_names() -> None:
 def test_load_backbone_names_and_unsupported_paths(tmp_path) -> None:
     assert load_backbone("pixels").meta.dim == 192
     for suffix in (".onnx", ".engine"):
-        with pytest.raises(DensekitError, match="not supported yet"):
+        with pytest.raises(DensekitError, match="not supported by load_backbone.*FeatureExtractor"):
             load_backbone(tmp_path / f"model{suffix}")
     pth = tmp_path / "model.pth"
     pth.write_bytes(b"not a pickle")

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 import densekit.serve.backbones as backbones
-from densekit.serve.backbones import DenseBackbone, build_backbone, load_backbone
+from densekit.serve.backbones import DenseBackbone, build_backbone
 from densekit.serve.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from densekit.serve.contract import ModelMeta
 from densekit.serve.errors import DensekitError
+from densekit.serve.loader import load_backbone
 
 
 def perturbed(model: DenseBackbone) -> DenseBackbone:

@@ -455,8 +455,8 @@ def test_training_hook_and_cli_give_one_jf(davis2016_mini: Path, tmp_path: Path)
     0.657, the command 0.649 here.)"""
     from densekit.apps.cli import main
     from densekit.retrieval.backbone_eval import davis_jf_for_config
-    from densekit.serve.backbones import load_backbone
     from densekit.serve.checkpoint import save_checkpoint
+    from densekit.serve.loader import load_backbone
     from densekit.train.config import build_config
 
     ckpt = tmp_path / "lite0.safetensors"
@@ -484,9 +484,9 @@ def test_score_davis_is_the_protocol_of_the_hook_and_the_command(tmp_path: Path)
     from densekit.retrieval.backbone_eval import davis_jf
     from densekit.retrieval.davis_protocol import score_davis
     from densekit.retrieval.propagation import preset, processing_size
-    from densekit.serve.backbones import load_backbone
     from densekit.serve.extractor import FeatureExtractor
     from densekit.serve.imageio import read_mask
+    from densekit.serve.loader import load_backbone
     from densekit.serve.sample import make_sample
 
     root = make_sample(tmp_path / "sample", sequences=3, frames=6, height=64, width=112, seed=0)

@@ -14,7 +14,8 @@ import pytest
 from densekit.apps.cli import main
 from densekit.export.onnx import export_onnx
 from densekit.serve.errors import DensekitError
-from densekit.serve.extractor import FeatureExtractor, ort_providers
+from densekit.serve.extractor import FeatureExtractor
+from densekit.serve.loader import ort_providers
 
 
 def frame(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -153,3 +154,25 @@ def test_davis_jf_torch_equals_onnx(davis2016_mini: Path, tmp_path: Path) -> Non
     jf_onnx = _jf(davis2016_mini, tmp_path / "onnx", str(onnx_path))
     assert 0.3 < jf_torch <= 1.0  # pretrained features track
     assert abs(jf_torch - jf_onnx) <= 0.001  # 0.1 on the 0-100 scale DAVIS tables use
+
+
+def test_loader_opens_every_kind_of_model(tmp_path) -> None:
+    """One loader for names, checkpoints, ONNX files and engines: each gets its backend or one clear line."""
+    from densekit.serve.backbones import build_backbone
+    from densekit.serve.checkpoint import save_checkpoint
+    from densekit.serve.loader import open_backend
+
+    meta, runner = open_backend("pixels")
+    assert (runner.name, meta.dim) == ("torch", 192)
+    save_checkpoint(build_backbone("pixels"), tmp_path / "p.safetensors")
+    assert open_backend(tmp_path / "p.safetensors")[0] == meta
+    export_onnx("pixels", tmp_path / "p.onnx")
+    onnx_meta, ort_runner = open_backend(tmp_path / "p.onnx", device="cpu")
+    assert (ort_runner.name, onnx_meta.dim, onnx_meta.stride) == ("onnxruntime", 192, 8)
+    batch = np.random.default_rng(0).standard_normal((1, 3, 16, 24)).astype(np.float32)
+    np.testing.assert_allclose(ort_runner.run(batch), runner.run(batch), atol=1e-6)
+    with pytest.raises(DensekitError, match="no metadata sidecar"):
+        (tmp_path / "m.engine").write_bytes(b"plan")
+        open_backend(tmp_path / "m.engine")
+    with pytest.raises(DensekitError, match="backend 'onnxruntime' runs an .onnx file"):
+        open_backend("pixels", backend="onnxruntime")

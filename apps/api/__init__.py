@@ -23,7 +23,7 @@ from densekit.serve.contract import __version__
 #: public name -> the module that defines it
 _EXPORTS = {
     "FeatureExtractor": "densekit.serve.extractor",
-    "load_backbone": "densekit.serve.backbones",
+    "load_backbone": "densekit.serve.loader",
     "make_sample": "densekit.serve.sample",
     "MaskPropagator": "densekit.retrieval.propagation",
     "SegmentIndex": "densekit.retrieval.segment_index",
@@ -52,6 +52,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from densekit.retrieval.davis_protocol import score_davis
     from densekit.retrieval.propagation import MaskPropagator
     from densekit.retrieval.segment_index import SegmentIndex
-    from densekit.serve.backbones import load_backbone
     from densekit.serve.extractor import FeatureExtractor
+    from densekit.serve.loader import load_backbone
     from densekit.serve.sample import make_sample
