@@ -57,6 +57,14 @@ def test_hypercolumn_with_decoder_backbone_uses_every_stage() -> None:
     assert unused == []
 
 
+@pytest.mark.parametrize("name,channels", [("timm:resnet18", 64 + 128 + 256 + 512), ("efficientnet_lite0", 24 + 40 + 80)])
+def test_hypercolumn_from_the_stage_api_of_other_families(name: str, channels: int) -> None:
+    """Any body with several stages at stride >= 4 gives hypercolumns (stride-2 stages are left out)."""
+    obj = HierGroupContrast(build_backbone(name), size=64)
+    assert obj.head.mlp.in_dim == channels
+    assert obj.embed(torch.randn(1, 3, 64, 64)).shape == (1, 32, 16, 16)
+
+
 def test_single_stage_backbone_is_refused_in_one_line() -> None:
     with pytest.raises(DensekitError) as err:
         HierGroupContrast(build_backbone("pixels"))

@@ -167,6 +167,15 @@ def test_forward_finite_and_loss_decreases() -> None:
     assert obj.momentum.item() == pytest.approx(1.0)  # cosine schedule ends at 1
 
 
+def test_pooled_branch_reads_the_last_encoder_stage(poodle: PooDLe) -> None:
+    body = poodle.backbone.body
+    assert poodle.pooled_stage == "layer4" and poodle.pooled_projector.in_dim == 512
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        direct = body.layer4(body.layer3(body.layer2(body.layer1(body.stem(x)))))
+        assert torch.equal(poodle.backbone.forward_stages(x, last="layer4")[-1], direct)
+
+
 def test_state_dict_holds_teacher(poodle: PooDLe) -> None:
     keys = poodle.state_dict().keys()
     assert any(k.startswith("teacher_backbone.") for k in keys)

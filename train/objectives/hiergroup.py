@@ -20,9 +20,9 @@ reading, each marked as such:
   following instance discrimination, Wu et al. CVPR 2018, on which the paper builds).
 * Embedding: a hypercolumn head (Hariharan et al., CVPR 2015) giving a 32-d, L2-normalised embedding at stride 4:
   every backbone stage from stride 4 on is upsampled (bilinear) to stride 4, concatenated, and mapped by a
-  1x1 Conv-BN-ReLU-1x1 Conv MLP (hidden 256: our choice) to 32-d. Stages are read from the backbone's own modules
-  (ResNet stem/layer1..4 and decoder; EfficientNet-Lite stages); single-stage backbones (``pixels``, ViTs, timm
-  ``features_only`` CNNs) cannot give hypercolumns and are refused with one clear line.
+  1x1 Conv-BN-ReLU-1x1 Conv MLP (hidden 256: our choice) to 32-d. Stages come from the backbone's stage API
+  (``forward_stages`` / ``stage_info``: ResNet layer1..4 and decoder, EfficientNet-Lite stages, timm CNN feature
+  levels); single-stage backbones (``pixels``, ViTs) cannot give hypercolumns and are refused with one clear line.
 * Augmentation (our choice, MoCo v2 / SimCLR style): RandomResizedCrop scale (0.2, 1), flip, colour jitter
   (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5.
 """
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densekit.serve.backbones import DenseBackbone, EfficientNetLiteDense, ResNetDense
+from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
 from densekit.train.dist import all_reduce_sum, gather_with_grad, rank, world_size
 from densekit.train.heads import mlp_head
@@ -53,40 +53,25 @@ EMBED_STRIDE = 4
 # ----------------------------------------------------------------------------------------------------
 
 
-def hypercolumn_stages(backbone: DenseBackbone, x: torch.Tensor) -> list[torch.Tensor]:
-    """Stage maps (stride >= 4) of ``x`` (B, 3, H, W), read from the backbone's own modules.
+def hypercolumn_stages(backbone: DenseBackbone) -> list[int]:
+    """Indices (into ``backbone.stage_info``) of the stages that feed the hypercolumn: every stage at stride >= 4.
 
-    ResNet: layer1 (s4), layer2, layer3, layer4 (when kept) and the decoder output (when present: it is what the
-    exported backbone returns, so it trains too and DDP sees every parameter used). EfficientNet-Lite: the
-    outputs of its stages from stride 4 on.
+    ResNet: layer1 (s4), layer2, layer3, layer4 (when kept) and the decoder (when present: it is what the
+    exported backbone returns, so it trains too and DDP sees every parameter used). EfficientNet-Lite: its stages
+    from stride 4 on. timm CNNs: their feature levels from stride 4 on.
 
     Raises:
-        DensekitError: the backbone has no multi-stage CNN body to take hypercolumns from.
+        DensekitError: fewer than two such stages (``pixels``, ViTs): no hypercolumn to take.
     """
-    body = backbone.body
-    if isinstance(body, ResNetDense):
-        c1 = body.layer1(body.stem(x))
-        c2 = body.layer2(c1)
-        c3 = body.layer3(c2)
-        feats = [c1, c2, c3]
-        if body.layer4 is not None:
-            feats.append(body.layer4(c3))
-        if body.decoder is not None:
-            feats.append(body.decoder(feats[1:]))
-        return feats
-    if isinstance(body, EfficientNetLiteDense):
-        width = x.shape[-1]
-        y = body.bn1(body.conv_stem(x))
-        feats = []
-        for stage in body.blocks:
-            y = stage(y)
-            if y.shape[-1] * EMBED_STRIDE <= width:  # drop the stride-2 stages
-                feats.append(y)
-        return feats
-    raise DensekitError(
-        f"objective 'hiergroup' needs hypercolumns from a multi-stage CNN backbone (resnet18, resnet50, "
-        f"efficientnet_lite0); backbone {backbone.meta.name!r} ({type(body).__name__}) has a single output stage"
-    )
+    stages = getattr(backbone.body, "stage_info", None) or []
+    keep = [i for i, info in enumerate(stages) if info.stride >= EMBED_STRIDE]
+    if len(keep) < 2:
+        raise DensekitError(
+            f"objective 'hiergroup' needs hypercolumns from a multi-stage CNN backbone (resnet18, resnet50, "
+            f"efficientnet_lite0, timm CNNs); backbone {backbone.meta.name!r} ({type(backbone.body).__name__}) has "
+            f"{len(keep)} stage(s) at stride >= {EMBED_STRIDE}"
+        )
+    return keep
 
 
 class HypercolumnHead(nn.Module):
@@ -178,7 +163,8 @@ class HierGroupContrast(Objective):
     valid anchors of the global batch.
 
     Args:
-        backbone: a multi-stage CNN DenseBackbone (ResNet or EfficientNet-Lite), else DensekitError.
+        backbone: a DenseBackbone with at least two stages at stride >= 4 (ResNet, EfficientNet-Lite, timm CNN),
+            else DensekitError.
         sigma_p: tree level that defines positives (0.8, issue/paper).
         regions, positives, negatives: per image 7 x 10 x 5 (issue/paper).
         cns: cross-image negatives per anchor (5, our choice).
@@ -213,20 +199,9 @@ class HierGroupContrast(Objective):
         self.sigma_p, self.regions, self.positives, self.negatives = sigma_p, regions, positives, negatives
         self.cns, self.temperature, self.size = int(cns), float(temperature), int(size)
         self.scale, self.attribute, self.ucm_max_side = (float(min_scale), float(max_scale)), attribute, ucm_max_side
-        self.head = HypercolumnHead(self._stage_channels(), dim=dim, hidden=hidden)
-
-    def _stage_channels(self) -> list[int]:
-        side = max(64, 2 * int(self.backbone.meta.input_multiple))
-        was_training = self.backbone.training
-        self.backbone.eval()  # a dry run must not touch BatchNorm running statistics
-        try:
-            with torch.no_grad():
-                p = next(self.backbone.parameters(), None)
-                x = torch.zeros(1, 3, side, side, device=p.device if p is not None else "cpu")
-                feats = hypercolumn_stages(self.backbone, x)
-        finally:
-            self.backbone.train(was_training)
-        return [int(f.shape[1]) for f in feats]
+        self.stages = hypercolumn_stages(backbone)
+        channels = [backbone.stage_info[i].channels for i in self.stages]
+        self.head = HypercolumnHead(channels, dim=dim, hidden=hidden)
 
     def transform(self) -> Transform:
         meta = self.backbone.meta
@@ -237,7 +212,9 @@ class HierGroupContrast(Objective):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, dim, H/4, W/4) unit-norm hypercolumn embedding."""
-        return self.head(hypercolumn_stages(self.backbone, x), (x.shape[-2] // EMBED_STRIDE, x.shape[-1] // EMBED_STRIDE))
+        feats = self.backbone.forward_stages(x)
+        out_hw = (x.shape[-2] // EMBED_STRIDE, x.shape[-1] // EMBED_STRIDE)
+        return self.head([feats[i] for i in self.stages], out_hw)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """``{"loss", "pos_sim", "neg_sim", "anchors"}``: InfoNCE over sampled cells (see the class docstring)."""

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densekit.serve.backbones import DenseBackbone, ResNetDense
+from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
 from densekit.train.augment import POODLE, Photometric, normalize
 from densekit.train.flow import (OCC_ALPHA1, OCC_ALPHA2, FlowEstimator, affine_to_normalized, apply_affine,
@@ -250,21 +250,22 @@ def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (F.normalize(online, dim=1) - F.normalize(target, dim=1)).pow(2).sum(dim=1).mean()
 
 
-def _resnet_with_decoder(backbone: DenseBackbone) -> ResNetDense:
-    body = backbone.body
-    if not isinstance(body, ResNetDense) or body.decoder is None or body.layer4 is None:
+def _pooled_stage(backbone: DenseBackbone) -> str:
+    """The stage PooDLe's pooled branch reads: the last encoder stage, the one before the spatial decoder
+    (``layer4`` of a ResNet with the decoder)."""
+    stages = getattr(backbone.body, "stage_info", None) or []
+    if len(stages) < 2 or stages[-1].name != "decoder":
         raise DensekitError(
-            f"poodle needs a ResNet backbone with the spatial decoder (resnet18/resnet50 with decoder=True), "
+            f"poodle needs a backbone with the spatial decoder (resnet18/resnet50 with decoder=True), "
             f"got {backbone.meta.name!r} (arch {backbone.meta.arch.get('family', '?')}, "
             f"decoder={bool(backbone.meta.arch.get('decoder'))})"
         )
-    return body
+    return stages[-2].name
 
 
-def _encode_last_stage(body: ResNetDense, x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, S, S) -> (N, C4) average-pooled ``layer4`` (the last encoder stage) features."""
-    assert body.layer4 is not None
-    return body.layer4(body.layer3(body.layer2(body.layer1(body.stem(x))))).mean(dim=(2, 3))
+def _encode_pooled(backbone: DenseBackbone, stage: str, x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) -> (N, C) average-pooled features of ``stage`` (the decoder does not run)."""
+    return backbone.forward_stages(x, last=stage)[-1].mean(dim=(2, 3))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ class PooDLe(Objective):
                          subcrop_num=subcrop_num, subcrop_scale=tuple(subcrop_scale),
                          subcrop_ratio=tuple(subcrop_ratio), subcrop_size=subcrop_size,
                          subcrop_jitter=subcrop_jitter, loss_stride=loss_stride, flow=flow)
-        body = _resnet_with_decoder(backbone)
+        self.pooled_stage = _pooled_stage(backbone)
         mult = backbone.meta.input_multiple
         if crop_size is not None and (crop_size[0] % mult or crop_size[1] % mult):
             raise DensekitError(f"poodle crop_size {crop_size} must be multiples of {mult} for {backbone.meta.name}")
@@ -330,7 +331,7 @@ class PooDLe(Objective):
         self.resize_short = int(resize_short) if resize_short else int(round((crop_size or (0,))[0] * 1080 / 512))
 
         dec_dim = backbone.meta.dim
-        last_dim = _last_stage_dim(body)
+        last_dim = backbone.body.stage(self.pooled_stage).channels
         # PooDLe's (BYOL's) projectors and predictors: Linear-BN-ReLU-Linear, the dense ones per location
         self.dense_projector = mlp_head(dec_dim, [hidden_dim, proj_dim], dense=True)
         self.dense_predictor = mlp_head(proj_dim, [hidden_dim, proj_dim], dense=True)
@@ -380,9 +381,9 @@ class PooDLe(Objective):
 
         crops_s = batch["crops_s"].flatten(0, 2)  # (B*2*K, 3, S, S)
         crops_t = batch["crops_t"].flatten(0, 2)
-        online = self.pooled_predictor(self.pooled_projector(_encode_last_stage(self.backbone.body, crops_s)))
+        online = self.pooled_predictor(self.pooled_projector(_encode_pooled(self.backbone, self.pooled_stage, crops_s)))
         with torch.no_grad():
-            target = self.teacher_pooled_projector(_encode_last_stage(self.teacher_backbone.body, crops_t))
+            target = self.teacher_pooled_projector(_encode_pooled(self.teacher_backbone, self.pooled_stage, crops_t))
         pooled = byol_loss(online, target)
 
         loss = self.dense_weight * dense + self.pooled_weight * pooled
@@ -398,11 +399,3 @@ class PooDLe(Objective):
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
         self.momentum.fill_(m)
-
-
-def _last_stage_dim(body: ResNetDense) -> int:
-    """Channels of ``layer4``'s output (512 for ResNet-18, 2048 for ResNet-50)."""
-    assert body.layer4 is not None
-    convs = [m for m in body.layer4.modules() if isinstance(m, nn.Conv2d)]
-    bns = [m for m in body.layer4[-1].modules() if isinstance(m, nn.BatchNorm2d)]
-    return int(bns[-1].num_features) if bns else int(convs[-1].out_channels)
