@@ -375,7 +375,9 @@ class _Demo:
             if res.seconds_per_step:
                 self.sub(f"{res.seconds_per_step:.2f} s/step -> {res.max_steps} steps scheduled for {opts.minutes:g} min")
             if res.stopped_by_budget:
-                self.sub(f"the budget ran out at step {res.step} of {res.max_steps}")
+                self.sub(f"the budget ran out at step {res.step} of {res.max_steps}" + (
+                    ": building the model and the trainer's timing steps took all of it; give more --minutes"
+                    if res.step == 0 else ""))
             self.sub(f"{res.step} steps, {res.images_per_s:.2f} samples/s"
                      + (f", last loss {loss:.4f}" if loss is not None else ""))
             return {"steps": res.step, "max_steps": res.max_steps, "samples_per_s": res.images_per_s, "loss": loss,
