@@ -218,8 +218,9 @@ def _unexpected(exc: Exception) -> int:
 
 
 def _is_click_exception(exc: Exception) -> bool:
-    # Typer >= 0.25 vendors its own click (typer._click), older typer uses click itself: recognise either
-    # by what click exceptions do (a message for the user and an exit code), not by their module.
+    # Typer 0.29 (installed here) vendors its own click as typer._click, older typer used click itself, so
+    # `except click.ClickException` misses them: recognise either by what click exceptions have (a message
+    # for the user and an exit code), not by the module they come from.
     return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
@@ -229,7 +230,7 @@ def _usage_error(exc: Exception) -> int:
         exc.show()  # type: ignore[attr-defined]
         return exc.exit_code  # type: ignore[attr-defined]
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    return _error(one_line(Exception(exc.format_message())) + hint)  # type: ignore[attr-defined]
+    return _error(" ".join(exc.format_message().split()) + hint)  # type: ignore[attr-defined]
 
 
 def _missing_module(exc: ModuleNotFoundError) -> int:
