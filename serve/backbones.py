@@ -61,6 +61,12 @@ Built-in names (see :func:`build_backbone`):
     and pass its path. Vision transformers are built with ``dynamic_img_size=True``; their patch tokens
     (prefix tokens: CLS, registers, dropped) become a ``(D, H/p, W/p)`` grid, stride = patch size p.
     CNNs run ``features_only`` and return their last feature map, stride = its reduction.
+
+Every body is a :class:`DenseBody`: ``forward_stages(x)`` gives its stages' maps and ``stage_info`` their
+channels and strides (timm's ``forward_intermediates``/``feature_info``), so objectives that need more than
+the output (hiergroup's hypercolumns, PooDLe's pooled ``layer4``) never reach into a family's modules.
+Families are entries of :data:`FAMILIES` (:func:`register_family`); loading a name or a path is
+:mod:`densekit.serve.loader`'s job.
 """
 
 from __future__ import annotations
