@@ -224,3 +224,12 @@ def test_a_command_module_that_cannot_be_imported_is_said_not_skipped() -> None:
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("error: densekit is installed incompletely (") and "cmd_serve" in line
+
+
+def test_plain_click_usage_errors_are_one_line_too(capsys) -> None:
+    """Typers that use click itself (not a vendored copy) raise click's own exceptions: same contract."""
+    click = pytest.importorskip("click")
+    from densekit.apps.cli import _unexpected
+
+    assert _unexpected(click.BadParameter("must be a number", param_hint="'--k'")) == 2
+    assert capsys.readouterr().err == "error: Invalid value for '--k': must be a number\n"
