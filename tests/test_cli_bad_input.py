@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ def _commands(group: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[tu
 
 def _base(annotation: object) -> type | None:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Union and len(args) == 1:  # Optional[X]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:  # Optional[X], X | None
         annotation = args[0]
     return annotation if annotation in (int, float, str, bool, Path) else None
 
