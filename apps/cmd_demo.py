@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo", help=HELP)
     def demo(
         out: Annotated[Path, typer.Option("--out", help="Folder for everything (created; resumed if it holds a demo).")] = Path("runs/demo"),
-        minutes: Annotated[float, typer.Option("--minutes", help="Training budget in minutes of wall clock (> 0).")] = 3.0,
+        minutes: Annotated[float, typer.Option("--minutes", help="Training budget in minutes of wall clock (> 0); building the model and the trainer's few timing steps count.")] = 3.0,
         objective: Annotated[str, typer.Option("--objective", help="poodle | densecl | vicregl | hiergroup.")] = "hiergroup",
         backbone: Annotated[str, typer.Option("--backbone", help="resnet18 | resnet50 | efficientnet_lite0 | timm:<name> | a .safetensors checkpoint to start from.")] = "resnet18",
         fast: Annotated[bool, typer.Option("--fast", help="Tiny sample and 3 training steps: for tests and quick tries.")] = False,
