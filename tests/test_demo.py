@@ -185,6 +185,32 @@ def test_a_second_demo_on_the_same_folder_is_refused(demo: tuple[Path, str]) -> 
     assert stderr.strip().startswith("error: another densekit demo is running") and len(stderr.strip().splitlines()) == 1
 
 
+def test_demo_jf_is_what_eval_davis_prints(demo: tuple[Path, str], tmp_path: Path) -> None:
+    """The demo scores with the one DAVIS protocol: `densekit eval davis` with the preset and short side the
+    report names gives the demo's J&F, to the last bit."""
+    from densekit.retrieval.davis_eval import evaluate_davis
+
+    out, _ = demo
+    row = json.loads((out / "demo.json").read_text())["steps"]["eval:efficientnet_lite0"]["result"]
+    assert row["preset"] == "dino" and row["short_side"] == 96  # the fast sample's own short side
+    cmd = ["eval", "davis", str(out / "sample"), "--out", str(tmp_path / "cli"), "--split", "val", "--backbone",
+           "efficientnet_lite0", "--preset", row["preset"], "--short-side", str(row["short_side"])]
+    assert f"--preset {row['preset']} --short-side {row['short_side']}" in (out / "report.md").read_text()
+    rc, _, stderr = run_cli(cmd)
+    assert rc == 0, stderr
+    g = evaluate_davis(out / "sample", tmp_path / "cli", split="val").global_row
+    assert (g["J&F-Mean"], g["J-Mean"], g["F-Mean"]) == (row["J&F"], row["J"], row["F"])
+
+
+def test_training_minutes_go_to_the_trainers_budget(tmp_path: Path) -> None:
+    from densekit.apps.demo import DemoOptions, _Demo
+
+    cfg = _Demo(DemoOptions(out=tmp_path, minutes=0.5), print)._train_config(tmp_path / "train")
+    assert (cfg.budget_s, cfg.clock) == (30.0, "wall") and cfg.max_steps > 10_000  # the budget sets the length
+    fast = _Demo(DemoOptions(out=tmp_path, fast=True), print)._train_config(tmp_path / "train")
+    assert (fast.budget_s, fast.max_steps) == (0.0, 3)
+
+
 @pytest.mark.parametrize(
     "case",
     ["out_is_a_file", "out_under_a_file", "minutes_zero", "minutes_negative", "foreign_folder", "unknown_objective"],
