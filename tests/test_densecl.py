@@ -14,7 +14,7 @@ from skimage import data as skdata
 from densekit.serve.backbones import build_backbone
 from densekit.serve.errors import DensekitError
 from densekit.train.objectives import OBJECTIVES, DenseCL
-from densekit.train.objectives.densecl import dense_correspondence
+from densekit.train.losses import dense_correspondence
 
 TINY = dict(hidden_dim=32, out_dim=16, queue_len=64, crop_size=64, grid_size=0)
 

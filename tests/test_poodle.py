@@ -13,7 +13,11 @@ from skimage import data as skdata
 from densekit.serve.backbones import build_backbone
 from densekit.serve.errors import DensekitError
 from densekit.train.objectives import OBJECTIVES, PooDLe
-from densekit.train.objectives.poodle import dense_equivariance_loss
+from densekit.train.losses import FlowEquivarianceLoss
+
+def dense_equivariance_loss(*args: torch.Tensor, loss_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return FlowEquivarianceLoss(loss_stride)(*args)
+
 
 TINY = dict(hidden_dim=32, proj_dim=16, crop_size=(64, 64), subcrop_size=32, subcrop_num=2, flow="dis")
 

@@ -12,7 +12,8 @@ from densekit.serve.backbones import DenseBackbone, build_backbone
 from densekit.serve.contract import ModelMeta
 from densekit.serve.errors import DensekitError
 from densekit.train.augment import cell_locations
-from densekit.train.objectives.vicregl import VICRegL, nearest_matches
+from densekit.train.losses import nearest_matches
+from densekit.train.objectives.vicregl import VICRegL
 
 
 def images(n: int, size: int = 80, seed: int = 0) -> list[np.ndarray]:

@@ -40,6 +40,7 @@ from densekit.serve.errors import DensekitError
 from densekit.train.augment import MOCO_V2, Photometric, RandomView, normalize
 from densekit.train.dist import concat_all_gather
 from densekit.train.heads import mlp_head
+from densekit.train.losses import DenseInfoNCELoss, GlobalInfoNCELoss, dense_correspondence
 from densekit.train.objective import Objective, Transform
 
 
@@ -91,24 +92,6 @@ class DenseCLNeck(nn.Module):
         return g, d, d.mean(dim=(2, 3))
 
 
-def dense_correspondence(q_feat: torch.Tensor, k_feat: torch.Tensor) -> torch.Tensor:
-    """For each query location, the key location with the most similar backbone feature (cosine).
-
-    Args:
-        q_feat, k_feat: (B, D, N) backbone features at N locations.
-    Returns:
-        (B, N) long: index j in k for each i in q.
-    """
-    sim = torch.bmm(F.normalize(q_feat, dim=1).transpose(1, 2), F.normalize(k_feat, dim=1))  # (B, N, N)
-    return sim.argmax(dim=2)
-
-
-def info_nce(pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo's InfoNCE: pos (M,) and neg (M, K) cosine logits -> mean cross-entropy with the positive at index 0."""
-    logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the objective
 
@@ -144,11 +127,13 @@ class DenseCL(Objective):
                                 f"{backbone.meta.input_multiple} for {backbone.meta.name}")
         if queue_len < 1 or not 0.0 <= loss_lambda <= 1.0 or temperature <= 0:
             raise DensekitError("densecl needs queue_len >= 1, 0 <= loss_lambda <= 1 and temperature > 0")
-        self.temperature, self.momentum = float(temperature), float(momentum)
+        self.momentum = float(momentum)
         self.loss_lambda, self.warmup_iters = float(loss_lambda), int(warmup_iters)
         self.grid_size, self.crop_size, self.crop_scale = int(grid_size), int(crop_size), tuple(crop_scale)
 
         self.neck = DenseCLNeck(backbone.meta.dim, hidden_dim, out_dim)
+        self.global_loss = GlobalInfoNCELoss(temperature)
+        self.dense_loss = DenseInfoNCELoss(temperature)
         self.teacher_backbone = copy.deepcopy(backbone)
         self.teacher_neck = copy.deepcopy(self.neck)
         for p in (*self.teacher_backbone.parameters(), *self.teacher_neck.parameters()):
@@ -191,13 +176,10 @@ class DenseCL(Objective):
             k, k2 = F.normalize(k, dim=1), F.normalize(k2, dim=1)
             k_dense = F.normalize(k_dense.flatten(2), dim=1)  # (B, C, N)
             match = dense_correspondence(q_b.detach().flatten(2), k_b.flatten(2))  # (B, N)
-            k_matched = torch.gather(k_dense, 2, match.unsqueeze(1).expand(-1, k_dense.shape[1], -1))
 
         queue, queue2 = self.queue.clone().detach(), self.queue2.clone().detach()
-        loss_global = info_nce((q * k).sum(1), q @ queue, self.temperature)
-        q_flat = q_dense.transpose(1, 2).reshape(-1, q_dense.shape[1])  # (B*N, C)
-        pos_dense = (q_dense * k_matched).sum(1).reshape(-1)  # (B*N,)
-        loss_dense = info_nce(pos_dense, q_flat @ queue2, self.temperature)
+        loss_global = self.global_loss(q, k, queue)
+        loss_dense = self.dense_loss(q_dense, k_dense, match, queue2)
         lam = self.current_lambda()
         loss = (1.0 - lam) * loss_global + lam * loss_dense
 

@@ -39,9 +39,9 @@ from torch import nn
 
 from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
-from densekit.train.dist import all_reduce_sum, gather_with_grad, rank, world_size
-from densekit.train.heads import mlp_head
 from densekit.train.augment import MOCO_V2, RandomView, normalize, view_size
+from densekit.train.heads import mlp_head
+from densekit.train.losses import PixelContrastLoss
 from densekit.train.objective import Objective, Transform
 from densekit.train.regions import ATTRIBUTES, build_hierarchy, grid_labels, sample_region_pairs
 
@@ -202,6 +202,7 @@ class HierGroupContrast(Objective):
         self.stages = hypercolumn_stages(backbone)
         channels = [backbone.stage_info[i].channels for i in self.stages]
         self.head = HypercolumnHead(channels, dim=dim, hidden=hidden)
+        self.pixel_loss = PixelContrastLoss(self.temperature, cross_negatives=self.cns > 0)
 
     def transform(self) -> Transform:
         meta = self.backbone.meta
@@ -220,41 +221,5 @@ class HierGroupContrast(Objective):
         """``{"loss", "pos_sim", "neg_sim", "anchors"}``: InfoNCE over sampled cells (see the class docstring)."""
         z1 = self.embed(batch["view1"]).flatten(2)  # (B, C, N)
         z2 = self.embed(batch["view2"]).flatten(2)
-        b, c, _ = z1.shape
-        anchor, positive = batch["anchor"].long(), batch["positive"].long()  # (B, n)
-        negative = batch["negative"].long()  # (B, n, K)
-        n, k = negative.shape[1], negative.shape[2]
-        za = _take(z1, anchor)  # (B, n, C)
-        zp = _take(z2, positive)
-        zn = _take(z2, negative.reshape(b, n * k)).reshape(b, n, k, c)
-        pos = (za * zp).sum(-1, keepdim=True) / self.temperature  # (B, n, 1)
-        neg = torch.einsum("bnc,bnkc->bnk", za, zn) / self.temperature
-        neg = neg.masked_fill(batch["neg_valid"] <= 0, float("-inf"))
-        logits = [pos, neg]
-        if self.cns > 0:
-            zg = gather_with_grad(z2).transpose(1, 2)  # (G, N, C): every rank calls it, so DDP stays in step
-            g = zg.shape[0]
-            cross_idx, shift = batch["cross_idx"].long(), batch["cross_shift"].long()  # (B, n, cns)
-            if g > 1:
-                own = (rank() * b + torch.arange(b, device=z1.device)).view(b, 1, 1)
-                other = (own + 1 + shift % (g - 1)) % g  # never the image itself
-                zc = zg[other, cross_idx]  # (B, n, cns, C)
-                logits.append(torch.einsum("bnc,bnkc->bnk", za, zc) / self.temperature)
-        all_logits = torch.cat(logits, dim=-1)
-        per_anchor = torch.logsumexp(all_logits, dim=-1) - pos.squeeze(-1)  # (B, n)
-        valid = batch["valid"].to(per_anchor.dtype)
-        # normalise by the GLOBAL count of valid anchors: with DDP averaging gradients over ranks, 2 processes
-        # then give the gradient of one process on the whole global batch
-        count = all_reduce_sum(valid.sum()).clamp_min(1.0)
-        loss = (per_anchor * valid).sum() * world_size() / count
-        with torch.no_grad():
-            vsum = valid.sum().clamp_min(1.0)
-            nv = batch["neg_valid"].to(neg.dtype)
-            pos_sim = (pos.squeeze(-1) * valid).sum() * self.temperature / vsum
-            neg_sim = (torch.nan_to_num(neg, neginf=0.0) * nv).sum() * self.temperature / nv.sum().clamp_min(1.0)
-        return {"loss": loss, "pos_sim": pos_sim, "neg_sim": neg_sim, "anchors": valid.sum().detach()}
-
-
-def _take(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """z (B, C, N), idx (B, m) -> (B, m, C)."""
-    return z.gather(2, idx[:, None, :].expand(-1, z.shape[1], -1)).transpose(1, 2)
+        return self.pixel_loss(z1, z2, batch["anchor"].long(), batch["positive"].long(), batch["negative"].long(),
+                         batch["valid"], batch["neg_valid"], batch["cross_idx"].long(), batch["cross_shift"].long())

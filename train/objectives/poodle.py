@@ -40,15 +40,14 @@ from typing import ClassVar
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
 from densekit.train.augment import POODLE, Photometric, normalize
-from densekit.train.flow import (OCC_ALPHA1, OCC_ALPHA2, FlowEstimator, affine_to_normalized, apply_affine,
-                                 identity_grid, inside, occlusion_mask, resolve_flow_method)
+from densekit.train.flow import OCC_ALPHA1, OCC_ALPHA2, FlowEstimator, affine_to_normalized, resolve_flow_method
 from densekit.train.heads import mlp_head
+from densekit.train.losses import BYOLLoss, FlowEquivarianceLoss
 from densekit.train.objective import Objective, Transform
 
 MAX_TRIES_PER_CROP = 5  # official code: MAX_TRIES_PER_CROP = 5
@@ -204,50 +203,7 @@ class PooDLeTransform:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the dense loss
-
-
-def dense_equivariance_loss(student: torch.Tensor, teacher: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor,
-                            theta_s: torch.Tensor, theta_t: torch.Tensor, *, loss_stride: int = 1,
-                            alpha1: float = OCC_ALPHA1, alpha2: float = OCC_ALPHA2
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PooDLe's masked dense loss between student features of frame a and teacher features of frame b.
-
-    Args:
-        student: (B, C, h, w) student output on the augmented view of frame a (any resolution).
-        teacher: (B, C, h', w') teacher output on the augmented view of frame b.
-        fwd, bwd: (B, 2, H, W) flows a -> b and b -> a between the unaugmented frames, in image pixels.
-        theta_s, theta_t: (B, 2, 3) normalised affines, original frame a / b -> augmented view (see
-            :func:`densekit.train.flow.affine_to_normalized`).
-        loss_stride: evaluate on the (H / loss_stride, W / loss_stride) grid of frame a (1 = image resolution).
-    Returns:
-        (loss scalar, mean mask coverage scalar). For each position p of frame a the student reads its view at
-        theta_s(p) and the teacher reads its view at theta_t(p + fwd(p)); vectors are L2-normalised, the squared
-        distance is summed over the mask and divided by the mask area per image, then averaged over the batch.
-    """
-    b, _, h, w = fwd.shape
-    with torch.no_grad():
-        occ = occlusion_mask(fwd, bwd, alpha1, alpha2)
-        if loss_stride > 1:
-            fwd = F.avg_pool2d(fwd, loss_stride)
-            occ = F.avg_pool2d(occ, loss_stride)
-        lh, lw = fwd.shape[-2:]
-        p = identity_grid(b, lh, lw, fwd.device, fwd.dtype)
-        scale = torch.tensor([2.0 / w, 2.0 / h], device=fwd.device, dtype=fwd.dtype)
-        q = p + fwd.permute(0, 2, 3, 1) * scale  # normalised flow: resolution independent
-        grid_s = apply_affine(theta_s.to(fwd.dtype), p)
-        grid_t = apply_affine(theta_t.to(fwd.dtype), q)
-        mask = occ * inside(q) * inside(grid_s) * inside(grid_t)  # (B, 1, lh, lw)
-        t = F.normalize(F.grid_sample(teacher.float(), grid_t, mode="bilinear", align_corners=False), dim=1)
-    s = F.normalize(F.grid_sample(student.float(), grid_s, mode="bilinear", align_corners=False), dim=1)
-    sq = (s - t).pow(2).sum(dim=1, keepdim=True) * mask
-    loss = (sq.sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) + 1e-7)).mean()
-    return loss, mask.mean()
-
-
-def byol_loss(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared L2 between L2-normalised (N, C) vectors, averaged (= 2 - 2 cos)."""
-    return (F.normalize(online, dim=1) - F.normalize(target, dim=1)).pow(2).sum(dim=1).mean()
+# the backbone stage the pooled branch reads
 
 
 def _pooled_stage(backbone: DenseBackbone) -> str:
@@ -337,6 +293,8 @@ class PooDLe(Objective):
         self.dense_predictor = mlp_head(proj_dim, [hidden_dim, proj_dim], dense=True)
         self.pooled_projector = mlp_head(last_dim, [hidden_dim, proj_dim])
         self.pooled_predictor = mlp_head(proj_dim, [hidden_dim, proj_dim])
+        self.dense_loss = FlowEquivarianceLoss(self.loss_stride, self.alpha1, self.alpha2)
+        self.pooled_loss = BYOLLoss()
         self.teacher_backbone = copy.deepcopy(backbone)
         self.teacher_dense_projector = copy.deepcopy(self.dense_projector)
         self.teacher_pooled_projector = copy.deepcopy(self.pooled_projector)
@@ -376,15 +334,14 @@ class PooDLe(Objective):
         z = self.dense_predictor(self.dense_projector(self.backbone(x)))  # (2B, P, H/8, W/8)
         with torch.no_grad():
             zt = self.teacher_dense_projector(self.teacher_backbone(xt))
-        dense, coverage = dense_equivariance_loss(z, zt, fwd, bwd, theta_s, theta_t, loss_stride=self.loss_stride,
-                                                  alpha1=self.alpha1, alpha2=self.alpha2)
+        dense, coverage = self.dense_loss(z, zt, fwd, bwd, theta_s, theta_t)
 
         crops_s = batch["crops_s"].flatten(0, 2)  # (B*2*K, 3, S, S)
         crops_t = batch["crops_t"].flatten(0, 2)
         online = self.pooled_predictor(self.pooled_projector(_encode_pooled(self.backbone, self.pooled_stage, crops_s)))
         with torch.no_grad():
             target = self.teacher_pooled_projector(_encode_pooled(self.teacher_backbone, self.pooled_stage, crops_t))
-        pooled = byol_loss(online, target)
+        pooled = self.pooled_loss(online, target)
 
         loss = self.dense_weight * dense + self.pooled_weight * pooled
         return {"loss": loss, "loss_dense": dense.detach(), "loss_pooled": pooled.detach(),

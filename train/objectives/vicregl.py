@@ -37,14 +37,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
 from densekit.train.augment import VICREG_VIEW1, VICREG_VIEW2, RandomView, cell_locations, normalize, view_size
-from densekit.train.dist import gather_with_grad, world_size
+from densekit.train.dist import world_size
 from densekit.train.heads import mlp_head
+from densekit.train.losses import VICRegLLocalLoss, VICRegLoss
 from densekit.train.objective import Objective, Transform
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ class VICRegLTransform:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Heads and loss pieces
+# Head widths
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -90,35 +89,6 @@ def _dims(spec: str, name: str) -> list[int]:
     if not dims or min(dims) <= 0:
         raise DensekitError(f"vicregl: {name} must look like '8192-8192-8192' (positive widths), got {spec!r}")
     return dims
-
-
-def nearest_matches(distances: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every input position its nearest candidate; keep the ``k`` inputs whose nearest distance is smallest.
-
-    Args:
-        distances: (B, N, M) input-to-candidate distances.
-        k: how many inputs to keep (None or >= N: all).
-    Returns:
-        (inputs, matches): (B, k) input indices in increasing (raster) order, as the official code's masked
-        selection keeps them, and (B, k) the index of each one's nearest candidate.
-    """
-    nn_dist, nn_idx = distances.min(dim=2)
-    n = distances.shape[1]
-    if k is None or k >= n:
-        inputs = torch.arange(n, device=distances.device).expand(distances.shape[0], n)
-    else:
-        inputs = nn_dist.topk(k, dim=1, largest=False).indices.sort(dim=1).values
-    return inputs, nn_idx.gather(1, inputs)
-
-
-def _select(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), idx (B, k) -> (B, k, C)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _off_diagonal_sq_sum(c: torch.Tensor) -> torch.Tensor:
-    """Sum of squared off-diagonal entries over the last two dims: (..., C, C) -> (...)."""
-    return c.pow(2).sum(dim=(-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).pow(2).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,87 +135,18 @@ class VICRegL(Objective):
         if not 0.0 < min_scale <= max_scale <= 1.0:
             raise DensekitError(f"vicregl: need 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
         dim = int(backbone.meta.dim)
-        self.alpha, self.inv_coeff, self.var_coeff, self.cov_coeff = alpha, inv_coeff, var_coeff, cov_coeff
-        self.num_matches, self.l2_all_matches, self.eps = int(num_matches), bool(l2_all_matches), float(eps)
+        self.alpha = float(alpha)
         self.size, self.scale = int(size), (float(min_scale), float(max_scale))
         # VICReg's expander (official utils.MLP): Linear-BN-ReLU blocks, a bias-free last Linear; the local one
         # per location (1x1 convolutions, BN over batch and positions)
         self.projector = mlp_head(dim, _dims(mlp, "mlp"), last_bias=False)
         self.maps_projector = mlp_head(dim, _dims(maps_mlp, "maps_mlp"), last_bias=False, dense=True)
+        self.global_loss = VICRegLoss(inv_coeff, var_coeff, cov_coeff, eps)
+        self.local_loss = VICRegLLocalLoss(num_matches, l2_all_matches, inv_coeff, var_coeff, cov_coeff, eps)
 
     def transform(self) -> Transform:
         meta = self.backbone.meta
         return VICRegLTransform(meta.mean, meta.std, meta.input_multiple, self.size, self.scale)
-
-    # -- loss pieces -------------------------------------------------------------------------------
-
-    def _var_cov_global(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One view's embeddings (B, E) -> (variance hinge, covariance penalty) over the global batch."""
-        x = gather_with_grad(z)
-        _check_batch(x.shape[0])
-        x = x - x.mean(dim=0)
-        std = torch.sqrt(x.var(dim=0) + self.eps)
-        cov = x.T @ x / (x.shape[0] - 1)
-        return F.relu(1.0 - std).mean(), _off_diagonal_sq_sum(cov) / x.shape[1]
-
-    def global_terms(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Global VICReg on (B, E) embeddings: invariance averaged over both orderings (equal for MSE),
-        variance/covariance averaged over the two views. Coefficients applied."""
-        inv = F.mse_loss(z1, z2)
-        v1, c1 = self._var_cov_global(z1)
-        v2, c2 = self._var_cov_global(z2)
-        return {"inv": self.inv_coeff * inv, "var": self.var_coeff * (v1 + v2) / 2,
-                "cov": self.cov_coeff * (c1 + c2) / 2}
-
-    def _vicreg_matched(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """VICReg on matched local features x, y (B, k, C), statistics over the global batch per match slot
-        (official ``_vicreg_loss``). Coefficients applied."""
-        inv = self.inv_coeff * F.mse_loss(x, y)
-        xg, yg = gather_with_grad(x), gather_with_grad(y)
-        _check_batch(xg.shape[0])
-        var = 0.0
-        cov = 0.0
-        for t in (xg, yg):
-            t = t - t.mean(dim=0)
-            std = torch.sqrt(t.var(dim=0) + self.eps)  # (k, C)
-            var = var + F.relu(1.0 - std).mean() / 2
-            tk = t.permute(1, 0, 2)  # (k, G, C)
-            c = tk.transpose(1, 2) @ tk / (tk.shape[1] - 1)  # (k, C, C)
-            cov = cov + (_off_diagonal_sq_sum(c) / tk.shape[2]).mean() / 2
-        return inv, self.var_coeff * var, self.cov_coeff * cov
-
-    def local_pair_terms(self, m1: torch.Tensor, m2: torch.Tensor, loc1: torch.Tensor, loc2: torch.Tensor
-                         ) -> dict[str, torch.Tensor]:
-        """Local terms for one ordered view pair (official ``_local_loss``): feature-based then location-based
-        matching, each in both directions (1 -> 2 and 2 -> 1), halves averaged.
-
-        Args:
-            m1, m2: (B, N1, C), (B, N2, C) local embeddings.
-            loc1, loc2: (B, N1, 2), (B, N2, 2) cell locations in frame pixels.
-        Returns:
-            {"inv_feat", "inv_loc", "var", "cov"} scalars (coefficients applied).
-        """
-        k_l2 = None if self.l2_all_matches else self.num_matches
-        out: dict[str, torch.Tensor] = {}
-        var = m1.new_zeros(())
-        cov = m1.new_zeros(())
-        for kind in ("feat", "loc"):
-            if kind == "feat":
-                d12, d21 = torch.cdist(m1, m2), torch.cdist(m2, m1)
-                k = k_l2
-            else:
-                d12, d21 = torch.cdist(loc1, loc2), torch.cdist(loc2, loc1)
-                k = self.num_matches
-            inv = m1.new_zeros(())
-            for a, b, d in ((m1, m2, d12), (m2, m1, d21)):
-                src, dst = nearest_matches(d.detach(), k)
-                i_, v_, c_ = self._vicreg_matched(_select(a, src), _select(b, dst))
-                inv = inv + i_ / 2
-                var = var + v_ / 2
-                cov = cov + c_ / 2
-            out[f"inv_{kind}"] = inv
-        out["var"], out["cov"] = var, cov
-        return out
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All loss terms (with grad): global ``g_inv``, ``g_var``, ``g_cov``; local ``l_inv_feat``,
@@ -261,10 +162,10 @@ class VICRegL(Objective):
             z.append(self.projector(f.mean(dim=(2, 3))))
             maps.append(self.maps_projector(f).flatten(2).transpose(1, 2))  # (B, h*w, C)
             locs.append(cell_locations(box, (v.shape[-2], v.shape[-1]), (f.shape[-2], f.shape[-1])))
-        g = self.global_terms(z[0], z[1])
+        g = self.global_loss(z[0], z[1])
         # official local_loss: ordered pairs (0, 1) and (1, 0), averaged
-        l12 = self.local_pair_terms(maps[0], maps[1], locs[0], locs[1])
-        l21 = self.local_pair_terms(maps[1], maps[0], locs[1], locs[0])
+        l12 = self.local_loss(maps[0], maps[1], locs[0], locs[1])
+        l21 = self.local_loss(maps[1], maps[0], locs[1], locs[0])
         loc = {k: (l12[k] + l21[k]) / 2 for k in l12}
         glob = g["inv"] + g["var"] + g["cov"]
         local = loc["inv_feat"] + loc["inv_loc"] + loc["var"] + loc["cov"]
