@@ -93,3 +93,13 @@ def test_view_size_and_cell_locations() -> None:
     assert torch.allclose(loc[0, :4, 0], torch.tensor([12.0, 20.0, 28.0, 36.0]))
     assert torch.allclose(loc[0, :, 1], torch.tensor([4.0] * 4 + [12.0] * 4))
     assert torch.allclose(loc[1, :4, 0], loc[0, :4, 0].flip(0))
+
+
+def test_cell_centres_is_the_one_box_form_of_cell_locations() -> None:
+    from densekit.train.augment import cell_centres
+
+    box = (50.0, 4.0, 10.0, 36.0)  # flipped
+    xs, ys = cell_centres(box, (4, 5))
+    loc = cell_locations(torch.tensor([box], dtype=torch.float64), (32, 40), (4, 5))[0].numpy()
+    assert np.allclose(loc[:, 0], np.tile(xs, 4)) and np.allclose(loc[:, 1], np.repeat(ys, 5))
+    assert xs[0] == 46.0 and xs[-1] == 14.0 and ys[0] == 8.0

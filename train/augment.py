@@ -101,6 +101,17 @@ def view_size(frame_hw: tuple[int, int], size: int, multiple: int) -> tuple[int,
     return h, w
 
 
+def cell_centres(box: Box, grid_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Frame coordinates under the centres of a view's (h, w) cell grid: (xs (w,), ys (h,)) float64.
+
+    Cells tile the view evenly; a flipped box (x_left > x_right) gives decreasing xs. The numpy, one-box form of
+    :func:`cell_locations`.
+    """
+    h, w = grid_hw
+    xl, yt, xr, yb = box
+    return xl + (np.arange(w) + 0.5) / w * (xr - xl), yt + (np.arange(h) + 0.5) / h * (yb - yt)
+
+
 def cell_locations(boxes: torch.Tensor, view_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
     """Frame point under each feature cell's centre.
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from densekit.serve.errors import DensekitError
+from densekit.train.augment import cell_centres
 
 Attribute = Literal["dynamics", "area", "volume"]
 ATTRIBUTES: tuple[str, ...] = ("dynamics", "area", "volume")
@@ -154,10 +155,7 @@ def grid_labels(labels: np.ndarray, frame_hw: tuple[int, int], box: tuple[float,
     """
     H, W = frame_hw
     h0, w0 = labels.shape
-    h, w = grid_hw
-    xl, yt, xr, yb = box
-    xs = xl + (np.arange(w) + 0.5) / w * (xr - xl)
-    ys = yt + (np.arange(h) + 0.5) / h * (yb - yt)
+    xs, ys = cell_centres(box, grid_hw)
     cols = np.clip(np.floor(xs * w0 / W).astype(np.int64), 0, w0 - 1)
     rows = np.clip(np.floor(ys * h0 / H).astype(np.int64), 0, h0 - 1)
     return labels[rows[:, None], cols[None, :]].astype(np.int32)
