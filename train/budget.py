@@ -14,7 +14,8 @@ Clocks:
   ``/proc/<pid>/stat`` of :func:`multiprocessing.active_children`. Where ``/proc`` does not exist (not
   Linux) live workers' CPU is not counted until they exit, so a CPU budget there should use
   ``data.num_workers=0``. The CPU clock is the fair one on a shared machine: other processes' load does
-  not eat into the budget; with N busy threads it runs N times faster than the wall clock.
+  not eat into the budget; with N busy threads it runs N times faster than the wall clock, and intra-op
+  threads that spin while they wait for work count too (give torch no more threads than the cores you own).
 """
 
 from __future__ import annotations
