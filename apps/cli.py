@@ -41,6 +41,16 @@ PRESET_HELP = (
     "live (n=2, k=5, T=0.1, 360 short side, 64 PCA directions; the app's live tracking)."
 )
 
+# The propagation overrides that `track` and `eval davis` share (None: the preset's value).
+NContextOpt = Annotated[Optional[int], typer.Option("--n-context", min=0, help="Override: past frames.")]
+TopkOpt = Annotated[Optional[int], typer.Option("--topk", min=1, help="Override: neighbours.")]
+RadiusOpt = Annotated[Optional[float], typer.Option("--radius", min=0, help="Override: radius (cells).")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", min=1e-6, help="Override: softmax temperature.")]
+ShortSideOpt = Annotated[
+    Optional[int], typer.Option("--short-side", min=16, help="Override: resize frames so the shorter side is this.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+
 
 @data_app.command("sample")
 def data_sample(
@@ -66,14 +76,12 @@ def track(
     backbone: Annotated[str, typer.Option("--backbone", help=BACKBONE_HELP)] = "efficientnet_lite0",
     preset: Annotated[str, typer.Option("--preset", help=PRESET_HELP)] = "dino",
     overlay: Annotated[Optional[Path], typer.Option("--overlay", help="Also write an overlay mp4 here.")] = None,
-    n_context: Annotated[Optional[int], typer.Option("--n-context", min=0, help="Override: past frames.")] = None,
-    topk: Annotated[Optional[int], typer.Option("--topk", min=1, help="Override: neighbours.")] = None,
-    radius: Annotated[Optional[float], typer.Option("--radius", min=0, help="Override: radius (cells).")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6)] = None,
-    short_side: Annotated[
-        Optional[int], typer.Option("--short-side", min=16, help="Override: resize frames so the shorter side is this.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    n_context: NContextOpt = None,
+    topk: TopkOpt = None,
+    radius: RadiusOpt = None,
+    temperature: TemperatureOpt = None,
+    short_side: ShortSideOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Track the objects of a first-frame mask through a video; write one mask per frame."""
     from densekit.retrieval.davis_protocol import progress_callback, propagate_to_dir
@@ -111,14 +119,12 @@ def eval_davis(
     split: Annotated[Optional[str], typer.Option("--split", help="Split list name (val, train...).")] = "val",
     sequences: Annotated[Optional[str], typer.Option("--sequences", help="Comma-separated subset.")] = None,
     preset: Annotated[str, typer.Option("--preset", help=PRESET_HELP)] = "dino",
-    n_context: Annotated[Optional[int], typer.Option("--n-context", min=0)] = None,
-    topk: Annotated[Optional[int], typer.Option("--topk", min=1)] = None,
-    radius: Annotated[Optional[float], typer.Option("--radius", min=0)] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=1e-6)] = None,
-    short_side: Annotated[
-        Optional[int], typer.Option("--short-side", min=16, help="Override: resize frames so the shorter side is this.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    n_context: NContextOpt = None,
+    topk: TopkOpt = None,
+    radius: RadiusOpt = None,
+    temperature: TemperatureOpt = None,
+    short_side: ShortSideOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Propagate every sequence's first mask, then score J&F exactly as davis2017-evaluation does."""
     from densekit.retrieval.davis_eval import format_table, plot_per_sequence

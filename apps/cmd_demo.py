@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[str, typer.Option("--backbone", help="resnet18 | resnet50 | efficientnet_lite0 | timm:<name> | a .safetensors checkpoint to start from.")] = "resnet18",
         fast: Annotated[bool, typer.Option("--fast", help="Tiny sample and 3 training steps: for tests and quick tries.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Redo every step, even those already done in OUT.")] = False,
-        preset: Annotated[str, typer.Option("--preset", help="Propagation preset for J&F: dino (7 recent frames, at the frames' native short side) or crw (20 frames; about 3x slower).")] = "dino",
+        preset: Annotated[str, typer.Option("--preset", help="Propagation preset for J&F: dino (7 recent frames, at the frames' native short side), crw (20 frames; about 3x slower) or live (2 frames, 360 short side).")] = "dino",
     ) -> None:
         import logging
 

@@ -68,7 +68,12 @@ def register(app: typer.Typer) -> None:
             if result.halted:
                 typer.echo(f"halted at step {result.step}; resume with: densekit train --out {where} --resume")
             else:
+                budget = ""
+                if result.budget_s:
+                    why = "the budget ran out" if result.stopped_by_budget else "the schedule ended"
+                    budget = (f"; {result.seconds:.0f} s of {result.clock} clock of a {result.budget_s:.0f} s "
+                              f"budget ({why}), {result.wall_s:.0f} s wall")
                 typer.echo(
-                    f"trained {result.step} steps ({result.images_per_s:.1f} samples/s); "
+                    f"trained {result.step} steps ({result.images_per_s:.1f} samples/s){budget}; "
                     f"backbone: {where / 'backbone.safetensors'}"
                 )

@@ -63,7 +63,7 @@ class EvalConfig:
     split: str | None = None
     sequences: list[str] | None = None
     max_sequences: int = 0  # 0 = all
-    preset: Literal["dino", "crw"] = "crw"
+    preset: Literal["dino", "crw", "live"] = "crw"
     short_side: int = 0  # resize frames so the shorter side is this before propagation (0: keep)
 
 
