@@ -25,6 +25,10 @@ _EXPORTS = {
     "FeatureExtractor": "densekit.serve.extractor",
     "load_backbone": "densekit.serve.loader",
     "make_sample": "densekit.serve.sample",
+    "DavisRoot": "densekit.serve.davis",
+    "read_image": "densekit.serve.imageio",
+    "PropagationConfig": "densekit.retrieval.propagation",
+    "RegionQuery": "densekit.retrieval.segment_index",
     "MaskPropagator": "densekit.retrieval.propagation",
     "SegmentIndex": "densekit.retrieval.segment_index",
     "evaluate_davis": "densekit.retrieval.davis_eval",
@@ -50,8 +54,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from densekit.retrieval.davis_eval import evaluate_davis
     from densekit.retrieval.davis_protocol import score_davis
-    from densekit.retrieval.propagation import MaskPropagator
-    from densekit.retrieval.segment_index import SegmentIndex
+    from densekit.retrieval.propagation import MaskPropagator, PropagationConfig
+    from densekit.retrieval.segment_index import RegionQuery, SegmentIndex
+    from densekit.serve.davis import DavisRoot
+    from densekit.serve.imageio import read_image
     from densekit.serve.extractor import FeatureExtractor
     from densekit.serve.loader import load_backbone
     from densekit.serve.sample import make_sample
