@@ -61,6 +61,10 @@ Built-in names (see :func:`build_backbone`):
     and pass its path. Vision transformers are built with ``dynamic_img_size=True``; their patch tokens
     (prefix tokens: CLS, registers, dropped) become a ``(D, H/p, W/p)`` grid, stride = patch size p.
     CNNs run ``features_only`` and return their last feature map, stride = its reduction.
+    ``build_backbone(name, kwargs={...})`` passes timm keyword arguments (``depth``, ``patch_size``,
+    ``img_size``, ``drop_path_rate``, ``class_token``, ``global_pool``, ``no_embed_class``...) to
+    ``timm.create_model``; they are stored as ``meta.arch["kwargs"]`` (only when given, so the arch of a
+    plain name is unchanged), and a checkpoint rebuilds exactly that architecture.
 
 Every body is a :class:`DenseBody`: ``forward_stages(x)`` gives its stages' maps and ``stage_info`` their
 channels and strides (timm's ``forward_intermediates``/``feature_info``), so objectives that need more than
@@ -84,7 +88,7 @@ import torchvision
 from torch import nn
 
 from densekit.serve.contract import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
-from densekit.serve.errors import DensekitError
+from densekit.serve.errors import DensekitError, one_line
 
 TIMM_PREFIX = "timm:"
 
@@ -319,9 +323,11 @@ class TimmViTDense(DenseBody):
     resolution, so the final (normed) tokens are the only map that differs in kind.
     """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, **kwargs: Any) -> None:
         super().__init__()
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        # keyword arguments may override dynamic_img_size (e.g. a model trained and served at one grid only)
+        opts = {"num_classes": 0, "dynamic_img_size": True, **kwargs}
+        self.model = timm.create_model(model_name, pretrained=False, **opts)
         if not hasattr(self.model, "forward_features") or not hasattr(self.model, "num_prefix_tokens"):
             raise TypeError(f"{model_name} takes dynamic_img_size but has no prefix tokens: not a ViT")
         self.patch = _vit_patch_size(self.model, model_name)
@@ -343,9 +349,9 @@ class TimmCNNDense(DenseBody):
     only the last one (same modules, same state dict), the earlier maps are computed on the way anyway.
     """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, **kwargs: Any) -> None:
         super().__init__()
-        self.model = timm.create_model(model_name, pretrained=False, features_only=True)
+        self.model = timm.create_model(model_name, pretrained=False, features_only=True, **kwargs)
         info = self.model.feature_info
         self.stage_info = [StageInfo(str(n), int(c), int(s))
                            for n, c, s in zip(info.module_name(), info.channels(), info.reduction())]
@@ -383,6 +389,8 @@ class BackboneFamily:
         decoder: whether ``decoder=True`` is available.
         mean, std: the normalisation its weights expect.
         load_weights: loads shipped pretrained weights into a freshly built body (None: random init).
+        kwargs: whether the family takes free keyword arguments (``build_backbone(..., kwargs=)``); they are
+            stored as ``arch["kwargs"]`` and ``build`` reads them from there.
     """
 
     build: Callable[[dict[str, Any]], DenseBody]
@@ -393,6 +401,7 @@ class BackboneFamily:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     load_weights: Callable[[DenseBody], None] | None = None
+    kwargs: bool = False
 
 
 FAMILIES: dict[str, BackboneFamily] = {}
@@ -425,14 +434,47 @@ def _family_of(name: str) -> str:
     )
 
 
-def default_arch(name: str, *, decoder: bool = False) -> dict[str, Any]:
-    """The architecture keywords that :func:`build_backbone` uses for ``name`` (stored as ``meta.arch``)."""
+#: keyword arguments that would make timm download weights or change what the body returns
+_RESERVED_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                              "features_only", "out_indices", "num_classes"})
+
+
+def _check_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as a JSON-safe dict with sorted keys (what ``meta.arch["kwargs"]`` stores)."""
+    if not isinstance(kwargs, dict):
+        raise DensekitError(f"backbone kwargs for {name!r} must be a mapping, got {kwargs!r}")
+    reserved = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if reserved:
+        raise DensekitError(f"backbone kwargs {', '.join(reserved)} are set by densekit and cannot be given")
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        raise DensekitError(f"backbone kwargs for {name!r}: {v!r} is not a number, string, bool, null or list")
+
+    return {str(k): plain(kwargs[k]) for k in sorted(kwargs)}
+
+
+def default_arch(name: str, *, decoder: bool = False, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The architecture keywords that :func:`build_backbone` uses for ``name`` (stored as ``meta.arch``).
+
+    ``kwargs`` (families with ``kwargs=True``, i.e. ``timm:``) land in ``arch["kwargs"]``; empty or None leaves the
+    arch exactly as without them, so checkpoints written before kwargs existed keep their arch.
+    """
     family = _family_of(name)
     spec = FAMILIES[family]
     if decoder and not spec.decoder:
         with_decoder = [n for s in FAMILIES.values() if s.decoder for n in s.names]
         raise DensekitError(f"decoder=True is only available for {' and '.join(with_decoder)}, not {name!r}")
-    return {"family": family, **spec.arch(name, decoder)}
+    arch = {"family": family, **spec.arch(name, decoder)}
+    if kwargs:
+        if not spec.kwargs:
+            takes = [f"{s.prefix}<model>" for s in FAMILIES.values() if s.kwargs and s.prefix]
+            raise DensekitError(f"backbone kwargs are only for {', '.join(takes) or 'no family'}, not {name!r}")
+        arch["kwargs"] = _check_kwargs(name, kwargs)
+    return arch
 
 
 def build_from_arch(name: str, arch: dict[str, Any], *, seed: int = 0, pretrained: bool = True) -> DenseBackbone:
@@ -503,17 +545,22 @@ def _timm_arch(name: str, decoder: bool) -> dict[str, Any]:
 
 
 def _build_timm(arch: dict[str, Any]) -> DenseBody:
-    """A ViT-style timm model as a token grid, else any timm CNN through ``features_only``."""
+    """A ViT-style timm model as a token grid, else any timm CNN through ``features_only``; ``arch["kwargs"]``
+    go to ``timm.create_model``."""
     model_name = str(arch["model_name"])
+    kwargs = dict(arch.get("kwargs") or {})
     if not timm.is_model(model_name):
         raise DensekitError(f"unknown timm model {model_name!r}")
     try:
-        return TimmViTDense(model_name)
-    except TypeError:  # not a ViT-style constructor (no dynamic_img_size keyword) or no prefix tokens
-        pass
+        return TimmViTDense(model_name, **kwargs)
+    except TypeError as exc:  # not a ViT-style constructor (no dynamic_img_size keyword) or no prefix tokens
+        vit_error = exc
     try:
-        return TimmCNNDense(model_name)
+        return TimmCNNDense(model_name, **kwargs)
     except Exception as exc:  # timm raises RuntimeError/AssertionError/TypeError for unsupported features_only
+        if kwargs:  # a wrong keyword is the likelier cause: say what both attempts said
+            raise DensekitError(f"timm model {model_name!r} does not take kwargs {kwargs}: {one_line(vit_error)}; "
+                                f"as features_only: {one_line(exc)}") from None
         raise DensekitError(f"timm model {model_name!r} is neither a ViT nor supports features_only: {exc}") from None
 
 
@@ -571,18 +618,22 @@ def _load_lite0_weights(body: EfficientNetLiteDense) -> None:
     body.load_state_dict({k: v for k, v in full.state_dict().items() if k in wanted}, strict=True)
 
 
-def build_backbone(name: str, *, seed: int = 0, decoder: bool = False) -> DenseBackbone:
+def build_backbone(name: str, *, seed: int = 0, decoder: bool = False,
+                   kwargs: dict[str, Any] | None = None) -> DenseBackbone:
     """Build a named backbone (module docstring lists the names), in eval mode.
 
     Args:
         name: ``resnet18``, ``resnet50``, ``efficientnet_lite0``, ``pixels`` or ``timm:<model>``.
         seed: seeds random initialisation (global RNG state untouched).
         decoder: add the PooDLe-style top-down decoder (ResNets only).
+        kwargs: ``timm:`` only: keyword arguments for ``timm.create_model`` (``depth=4``, ``img_size=128``,
+            ``drop_path_rate=0.1``, ``class_token=False``...), stored in ``meta.arch["kwargs"]``.
 
     Raises:
-        DensekitError: unknown name, unknown timm model, or decoder for a non-ResNet.
+        DensekitError: unknown name, unknown timm model, decoder for a non-ResNet, kwargs for a non-timm name
+            or kwargs the timm model does not take.
     """
-    return build_from_arch(name, default_arch(name, decoder=decoder), seed=seed, pretrained=True)
+    return build_from_arch(name, default_arch(name, decoder=decoder, kwargs=kwargs), seed=seed, pretrained=True)
 
 
 # the built-in families; the keys are stored in checkpoints' meta.arch["family"]
@@ -590,5 +641,5 @@ register_family("resnet", BackboneFamily(_build_resnet, _resnet_arch, names=("re
 register_family("efficientnet_lite", BackboneFamily(_build_lite, _lite_arch, names=("efficientnet_lite0",),
                                                     mean=LITE_MEAN, std=LITE_STD, load_weights=_load_lite0_weights))
 register_family("pixels", BackboneFamily(_build_pixels, _pixels_arch, names=("pixels",)))
-register_family("timm", BackboneFamily(_build_timm, _timm_arch, prefix=TIMM_PREFIX))
+register_family("timm", BackboneFamily(_build_timm, _timm_arch, prefix=TIMM_PREFIX, kwargs=True))
 BUILTIN_NAMES = tuple(n for spec in FAMILIES.values() for n in spec.names)

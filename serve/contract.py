@@ -32,7 +32,8 @@ class ModelMeta:
         input_multiple: H and W must be multiples of this (usually the stride, or the patch size).
         objective: the training objective that produced the weights, or ``"none"``.
         version: densekit version that wrote the metadata.
-        arch: keyword arguments that rebuild the architecture (decoder on/off, timm model name...).
+        arch: keyword arguments that rebuild the architecture (``family``, decoder on/off, timm model name, and
+            for ``timm:`` backbones built with extra timm keywords their ``kwargs``: depth, patch size...).
     """
 
     name: str

@@ -510,3 +510,28 @@ def test_cli_train_end_to_end(sample: Path, tmp_path: Path, capsys: pytest.Captu
                  "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The interface for ViT objectives (issue 12: IC-2 ...)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_backbone_kwargs_reach_timm_and_the_exported_checkpoint(sample: Path, tmp_path: Path) -> None:
+    from densekit.serve.checkpoint import load_checkpoint
+    from densekit.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = _cfg(sample, run, "max_steps=2", "backbone=timm:vit_tiny_patch16_224", "backbone_kwargs.depth=1",
+               "backbone_kwargs.patch_size=8", "backbone_kwargs.img_size=32")
+    Trainer(cfg, objective_cls=TinyDense).fit()
+    bb = load_checkpoint(run / "backbone.safetensors")
+    assert bb.meta.arch["kwargs"] == {"depth": 1, "img_size": 32, "patch_size": 8} and bb.meta.stride == 8
+    assert len(bb.body.model.blocks) == 1
+    state = _weights(run)
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, state[f"model.backbone.{k}"]), k
+    assert build_config(run / "config.yaml").backbone_kwargs == {"depth": 1, "patch_size": 8, "img_size": 32}
+    with pytest.raises(DensekitError, match="do not apply to a checkpoint"):
+        Trainer(_cfg(sample, tmp_path / "r2", f"backbone={run / 'backbone.safetensors'}", "backbone_kwargs.depth=2"),
+                objective_cls=TinyDense).fit()

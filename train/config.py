@@ -82,6 +82,9 @@ class TrainConfig:
 
     objective: str = ""
     backbone: str = "resnet18"
+    # timm keyword arguments for a ``timm:`` backbone (depth, patch_size, img_size, drop_path_rate, class_token,
+    # global_pool, no_embed_class...): stored in the exported checkpoint's meta.arch["kwargs"]
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     decoder: bool | None = None  # None: the objective's ``backbone_decoder`` class attribute (default False)
     out: str = ""
     seed: int = 0
@@ -277,7 +280,7 @@ def set_by_path(data: dict[str, Any], key: str, value: Any) -> None:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "hparams":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("hparams", "backbone_kwargs"):
             out[k] = _merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}

@@ -375,9 +375,11 @@ class Trainer:
         if cfg.backbone.lower().endswith(".safetensors"):
             from densekit.serve.checkpoint import load_checkpoint
 
+            if cfg.backbone_kwargs:
+                raise DensekitError("backbone_kwargs do not apply to a checkpoint: its architecture is in its metadata")
             return load_checkpoint(cfg.backbone)
         decoder = cfg.decoder if cfg.decoder is not None else bool(getattr(self.objective_cls, "backbone_decoder", False))
-        return build_backbone(cfg.backbone, seed=cfg.seed, decoder=decoder)
+        return build_backbone(cfg.backbone, seed=cfg.seed, decoder=decoder, kwargs=cfg.backbone_kwargs)
 
     def _build_objective(self) -> Objective:
         cfg = self.cfg
