@@ -417,11 +417,15 @@ class StepBatchSampler:
 
 
 def make_loader(dataset: _BaseDataset, sampler: StepBatchSampler, num_workers: int = 0, seed: int = 0,
-                pin_memory: bool = False):  # noqa: ANN201 - torch DataLoader
-    """A DataLoader over ``sampler``'s batches with the default collate (stacks arrays into tensors).
+                pin_memory: bool = False, collate: Callable[[list[dict[str, np.ndarray]]], dict] | None = None
+                ):  # noqa: ANN201 - torch DataLoader
+    """A DataLoader over ``sampler``'s batches.
 
-    It gets its own ``torch.Generator`` so creating the iterator does not consume the global torch RNG (that
-    would make a resumed run's RNG stream differ from an uninterrupted one).
+    ``collate`` (an objective's :meth:`~densekit.train.objective.Objective.collate`, e.g. the packing of
+    :mod:`densekit.train.packing`) turns the step's list of samples into the batch; None keeps torch's default
+    collate (stacks arrays into tensors). It runs in the workers, so it must be picklable and deterministic.
+    The loader gets its own ``torch.Generator`` so creating the iterator does not consume the global torch RNG
+    (that would make a resumed run's RNG stream differ from an uninterrupted one).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -434,6 +438,7 @@ def make_loader(dataset: _BaseDataset, sampler: StepBatchSampler, num_workers: i
         num_workers=int(num_workers),
         generator=gen,
         pin_memory=pin_memory,
+        collate_fn=collate,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
     )

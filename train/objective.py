@@ -84,6 +84,13 @@ class Objective(nn.Module):
         """
         raise NotImplementedError
 
+    def collate(self) -> Callable[[list[dict[str, np.ndarray]]], dict[str, Any]] | None:
+        """A picklable callable that turns the step's list of samples into the batch, or None (default: torch's
+        default collate, which stacks the fixed-shape arrays). Packing objectives return a
+        :class:`densekit.train.packing.PackCollate`; a batch that holds ``"num_images"`` is counted by it.
+        """
+        return None
+
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Hook after each optimiser step (EMA teacher momentum update, queue push...). Default: nothing.

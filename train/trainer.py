@@ -621,8 +621,9 @@ class Trainer:
 
         cfg = self.cfg
         sampler = StepBatchSampler(start, end, cfg.batch_size, dist.rank(), dist.world_size())
+        collate = self.model.collate() if self.model is not None else None
         loader = make_loader(dataset, sampler, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                             pin_memory=device.type == "cuda")
+                             pin_memory=device.type == "cuda", collate=collate)
         it = iter(loader)
         try:
             while True:
@@ -689,7 +690,9 @@ class Trainer:
                     break
                 out, lr, grad_norm = self._train_step(run, batch)
                 self.step += 1
-                imgs += len(next(iter(batch.values()))) * world
+                # a packed batch's first tensor is (sequences, ...), not (images, ...)
+                n_img = int(batch["num_images"]) if "num_images" in batch else len(next(iter(batch.values())))
+                imgs += n_img * world
                 result.images_per_s = imgs / max(time.perf_counter() - t_start, 1e-9)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._log_step(writer, bar, result, out, lr, grad_norm)
