@@ -10,12 +10,20 @@
   :class:`DenseInfoNCELoss` (DenseCL's dense term), :class:`PixelContrastLoss` (hiergroup).
 * BYOL (Grill et al., NeurIPS 2020) and PooDLe (Wang et al., ICLR 2025): :class:`BYOLLoss`,
   :class:`FlowEquivarianceLoss`.
+* DINO (Caron et al., ICCV 2021; the loss CrIBo and SelfPatch build on): :class:`DINOLoss` (sharpened, centred
+  teacher softmax vs student log-softmax, centre EMA, teacher-temperature warm-up), :func:`dino_cross_entropy`,
+  :func:`teacher_temperature`; and Sinkhorn-Knopp balanced assignments (:func:`sinkhorn_knopp`, SwAV/CrIBo).
+  Both run as fp32 islands under autocast (:func:`fp32`): a softmax over 65536 prototypes and ``exp(-20 M)``
+  underflow in fp16.
 
 Batch statistics and negatives span the global batch through :mod:`densekit.train.dist`, so DDP matches one
 process.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -357,8 +365,138 @@ class FlowEquivarianceLoss(nn.Module):
         return loss, mask.mean()
 
 
+# ----------------------------------------------------------------------------------------------------
+# fp32 islands, DINO, Sinkhorn-Knopp
+# ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fp32() -> Iterator[None]:
+    """Run a block with autocast off (CPU and CUDA), for losses that must not run in fp16/bf16 under the trainer's
+    AMP: large softmaxes, Sinkhorn's exponentials, centring. Tensors made before the block keep their dtype: cast
+    the inputs with ``.float()`` inside it (the losses here do)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """DINO's teacher temperature: linear from ``start`` to ``end`` over ``warmup_steps`` steps, then ``end``
+    (a pure function of the step). ``warmup_steps <= 0`` gives ``end`` from step 0."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return float(end)
+    return float(start + (end - start) * step / warmup_steps)
+
+
+def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """``-sum_k q_k log softmax(s / student_temp)_k`` per row, in fp32: (..., K), (..., K) -> (...)."""
+    with fp32():
+        logp = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+        return -(teacher_probs.float() * logp).sum(dim=-1)
+
+
+class DINOLoss(nn.Module):
+    """DINO's self-distillation loss with centring and sharpening (fp32 inside).
+
+    Teacher targets are ``softmax((t - center) / tau_t)`` (no gradient), student predictions
+    ``log_softmax(s / tau_s)``; the loss is the cross-entropy averaged over samples and over the (teacher view,
+    student view) pairs with different view indices (DINO skips the pairs where the student sees the teacher's own
+    crop; teacher view i is student view i, so the global crops come first in the student views). ``tau_t`` warms
+    up linearly from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_steps`` steps
+    (:func:`teacher_temperature`; the caller passes the step, e.g. from a step buffer). After the loss, the centre
+    moves toward the global-batch teacher mean: ``c <- m c + (1 - m) mean(t)`` with the mean over every rank's
+    teacher rows (sums and counts all-reduced), so N processes keep the centre of one.
+
+    ``forward(student, teacher, step)``: student (Vs, N, K) logits, teacher (Vt, N, K) logits, Vt <= Vs -> scalar.
+    Buffer ``center`` (1, K).
+    """
+
+    def __init__(self, out_dim: int, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
+                 warmup_steps: int = 0, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp, self.center_momentum = float(student_temp), float(center_momentum)
+        self.teacher_temp, self.warmup_teacher_temp = float(teacher_temp), float(warmup_teacher_temp)
+        self.warmup_steps = int(warmup_steps)
+        self.register_buffer("center", torch.zeros(1, int(out_dim)))
+
+    def teacher_temp_at(self, step: int) -> float:
+        return teacher_temperature(step, self.warmup_steps, self.warmup_teacher_temp, self.teacher_temp)
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher: torch.Tensor, step: int) -> torch.Tensor:
+        """Centred, sharpened teacher softmax (fp32, no grad): (..., K) -> (..., K)."""
+        with fp32():
+            return F.softmax((teacher.float() - self.center) / self.teacher_temp_at(step), dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """EMA of the centre toward the global mean of teacher rows ``teacher`` (..., K); ``valid`` (...) bool
+        keeps only some rows (variable counts per rank, e.g. CrIBo's valid centroids); no valid row anywhere
+        leaves the centre unchanged."""
+        with fp32():
+            rows = teacher.float().reshape(-1, teacher.shape[-1])
+            w = torch.ones(rows.shape[0], device=rows.device) if valid is None else valid.reshape(-1).float()
+            total = all_reduce_sum(w.sum())
+            if float(total) == 0.0:
+                return
+            batch_center = all_reduce_sum((rows * w[:, None]).sum(0, keepdim=True)) / total
+            self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, step: int, update_center: bool = True
+                ) -> torch.Tensor:
+        vs, vt = student.shape[0], teacher.shape[0]
+        if vt > vs or student.shape[1:] != teacher.shape[1:]:
+            raise ValueError(f"DINOLoss needs student (Vs, N, K) and teacher (Vt <= Vs, N, K), got "
+                             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        q = self.teacher_probs(teacher, step)
+        terms = [dino_cross_entropy(student[v], q[t], self.student_temp).mean()
+                 for t in range(vt) for v in range(vs) if v != t]
+        if not terms:  # one view on each side: the only pair is the same view
+            terms = [dino_cross_entropy(student[0], q[0], self.student_temp).mean()]
+        loss = torch.stack(terms).mean()
+        if update_center:
+            self.update_center(teacher)
+        return loss
+
+
+def sinkhorn_knopp(scores: torch.Tensor, n_iters: int = 3, eps: float = 0.05,
+                   cluster_marginal: torch.Tensor | None = None) -> torch.Tensor:
+    """Balanced soft assignment of N items to K clusters by Sinkhorn-Knopp (SwAV; CrIBo's ``sinkhorn``), in fp32.
+
+    ``P = exp(scores / eps)`` normalised to sum 1, then ``n_iters`` times: scale the rows (items) to sum 1/N, scale
+    the columns (clusters) to sum ``cluster_marginal`` (default uniform 1/K). The result is a transport plan whose
+    column sums are exactly the marginal and whose row sums approach 1/N, so every cluster gets its share of the
+    items even when all items score one cluster highest (an arg-max would put them all there). A cost M is
+    ``scores = -M`` (CrIBo: ``exp(-lambda M)`` is ``eps = 1 / lambda``). Rows scale by their maximum first, which
+    changes nothing after the normalisations but keeps ``exp`` finite.
+
+    Args:
+        scores: (..., N, K) similarities, one problem per leading index (e.g. per image).
+        n_iters: row/column normalisation rounds (CrIBo 5, SwAV 3).
+        eps: entropic regularisation (temperature); smaller is harder.
+        cluster_marginal: (..., K) column sums (positive, summing to 1), e.g. CrIBo's current cluster sizes.
+    Returns:
+        (..., N, K) float32 transport plan, no gradient. Multiply by N for per-item assignments summing to ~1.
+    """
+    with torch.no_grad(), fp32():
+        s = scores.float() / float(eps)
+        p = torch.exp(s - s.amax(dim=(-2, -1), keepdim=True))
+        n, k = p.shape[-2], p.shape[-1]
+        c = (torch.full(p.shape[:-2] + (k,), 1.0 / k, device=p.device) if cluster_marginal is None
+             else cluster_marginal.float().expand(p.shape[:-2] + (k,)))
+        tiny = torch.finfo(torch.float32).tiny
+        p = p / p.sum(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+        for _ in range(int(n_iters)):
+            p = p / (n * p.sum(dim=-1, keepdim=True).clamp_min(tiny))
+            p = p * (c / p.sum(dim=-2).clamp_min(tiny)).unsqueeze(-2)
+        return p
+
+
 __all__ = [
     "BYOLLoss", "CovarianceLoss", "DenseInfoNCELoss", "FlowEquivarianceLoss", "GlobalInfoNCELoss", "InfoNCELoss",
     "InvarianceLoss", "PixelContrastLoss", "VICRegLLocalLoss", "VICRegLoss", "VarianceLoss", "dense_correspondence",
     "nearest_matches", "off_diagonal_sq_sum",
+    "DINOLoss", "dino_cross_entropy", "fp32", "sinkhorn_knopp", "teacher_temperature",
 ]

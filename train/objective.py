@@ -24,7 +24,8 @@ Rules for exact resume and DDP equivalence:
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+import copy
+from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,42 @@ Transform = Callable[[list[np.ndarray], np.random.Generator], dict[str, np.ndarr
 
 #: The two kinds of data an objective can ask for.
 DATA_KINDS = ("pairs", "images")
+
+#: attribute :func:`make_teacher` sets on a teacher module; :meth:`Objective.train` keeps such modules in eval mode
+TEACHER_FLAG = "_densekit_teacher"
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _stochastic_depth_types() -> tuple[type, ...]:
+    from timm.layers import DropPath
+    from torchvision.ops import StochasticDepth
+
+    return (DropPath, StochasticDepth)
+
+
+def make_teacher(module: M) -> M:
+    """An EMA teacher from a student module: a deep copy, frozen (``requires_grad=False``), in eval mode, without
+    stochastic depth (timm ``DropPath`` and torchvision ``StochasticDepth`` replaced by ``nn.Identity``, as DINO,
+    CrIBo and SelfPatch build their teacher without ``drop_path_rate``), and marked so that
+    :meth:`Objective.train` keeps it in eval mode (dropout and BatchNorm statistic updates off). Parameter and
+    buffer names are those of the student, so an EMA update can zip ``parameters()``.
+    """
+    teacher = copy.deepcopy(module)
+    drop_types = _stochastic_depth_types()
+    for parent in list(teacher.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, drop_types):
+                setattr(parent, name, nn.Identity())
+    if isinstance(teacher, drop_types):
+        teacher = nn.Identity()  # type: ignore[assignment]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    setattr(teacher, TEACHER_FLAG, True)
+    return teacher.eval()
+
+
+O = TypeVar("O", bound="Objective")
 
 
 class Objective(nn.Module):
@@ -101,5 +138,17 @@ class Objective(nn.Module):
         """
 
     def student_backbone(self) -> DenseBackbone:
-        """The backbone that gets exported (``RUN_DIR/backbone.safetensors``). Default: ``self.backbone``."""
+        """The student backbone (``self.backbone`` by default). What gets exported is :meth:`export_backbone`."""
         return self.backbone
+
+    def teacher_modules(self) -> list[nn.Module]:
+        """Modules :meth:`train` keeps in eval mode: by default every submodule made by :func:`make_teacher`."""
+        return [m for m in self.modules() if m is not self and getattr(m, TEACHER_FLAG, False)]
+
+    def train(self: "O", mode: bool = True) -> "O":
+        """``nn.Module.train``, except that :meth:`teacher_modules` stay in eval mode (the trainer calls
+        ``model.train()`` on the whole objective; a teacher must not drop paths or update BatchNorm statistics)."""
+        super().train(mode)
+        for m in self.teacher_modules():
+            m.eval()
+        return self
