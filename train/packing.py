@@ -297,9 +297,13 @@ def packed_blocks(vit: ViTAdapter, x: torch.Tensor, seg: torch.Tensor) -> torch.
 
 
 def packed_forward(vit: ViTAdapter, batch: dict[str, torch.Tensor], key: str = "") -> torch.Tensor:
-    """A timm ViT on one packed stream of ``batch``: (S, L, D) final tokens (prefix slots included)."""
+    """A timm ViT on one packed stream of ``batch``: (S, L, D) final tokens (prefix slots included).
+
+    The images' grids are ``batch[key + "grid"]``, or ``batch["grid"]`` when the stream has none of its own.
+    """
+    grid = batch.get(f"{key}grid", batch["grid"])
     content, pos = packed_embed(vit, batch[f"{key}patches"], batch[f"{key}coords"], batch[f"{key}seg"],
-                                batch[f"{key}is_prefix"], batch[f"{key}grid"])
+                                batch[f"{key}is_prefix"], grid)
     return packed_blocks(vit, content + pos, batch[f"{key}seg"])
 
 

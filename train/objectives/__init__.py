@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from densekit.train.objectives.densecl import DenseCL
 from densekit.train.objectives.detcon import DetCon
+from densekit.train.objectives.droppos import DropPos
 from densekit.train.objectives.hiergroup import HierGroupContrast
 from densekit.train.objectives.poodle import PooDLe
 from densekit.train.objectives.vicregl import VICRegL
 
 OBJECTIVES = {"poodle": PooDLe, "densecl": DenseCL, "vicregl": VICRegL, "hiergroup": HierGroupContrast}
 OBJECTIVES["detcon"] = DetCon
+OBJECTIVES["droppos"] = DropPos
 
-__all__ = ["OBJECTIVES", "DenseCL", "DetCon", "HierGroupContrast", "PooDLe", "VICRegL"]
+__all__ = ["OBJECTIVES", "DenseCL", "DetCon", "DropPos", "HierGroupContrast", "PooDLe", "VICRegL"]
