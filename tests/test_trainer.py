@@ -535,3 +535,81 @@ def test_backbone_kwargs_reach_timm_and_the_exported_checkpoint(sample: Path, tm
     with pytest.raises(DensekitError, match="do not apply to a checkpoint"):
         Trainer(_cfg(sample, tmp_path / "r2", f"backbone={run / 'backbone.safetensors'}", "backbone_kwargs.depth=2"),
                 objective_cls=TinyDense).fit()
+
+
+class FrozenHeadFirstSteps(TinyDense):
+    """TinyDense whose head gets no update for the first 2 steps (DINO's freeze_last_layer through the pre-step
+    hook); records what the hook saw."""
+
+    name = "frozenhead"
+    seen: list[tuple[int, int, bool]] = []
+    before: list[torch.Tensor] = []
+
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        from densekit.train.heads import cancel_last_layer_grads
+
+        type(self).seen.append((step, max_steps, self.head.weight.grad is not None))
+        type(self).before.append(self.head.weight.detach().clone())
+        cancel_last_layer_grads(self, step, freeze_steps=2, key="head.")
+
+
+def test_before_optimizer_step_runs_between_backward_and_step(sample: Path, tmp_path: Path) -> None:
+    from densekit.train.trainer import Trainer
+
+    FrozenHeadFirstSteps.seen, FrozenHeadFirstSteps.before = [], []
+    after: list[torch.Tensor] = []
+    hook = lambda tr, step: after.append(tr.model.head.weight.detach().clone())  # noqa: E731
+    cfg = _cfg(sample, tmp_path / "run", "max_steps=3", "save_every=0")
+    Trainer(cfg, objective_cls=FrozenHeadFirstSteps, backbone_fn=tiny_backbone_bn, hooks=[hook]).fit()
+    assert FrozenHeadFirstSteps.seen == [(0, 3, True), (1, 3, True), (2, 3, True)]  # gradients already there
+    initial = FrozenHeadFirstSteps.before[0]
+    assert torch.equal(after[0], initial) and torch.equal(after[1], initial)  # no update (not even decay)
+    assert not torch.equal(after[2], initial)
+    assert torch.equal(FrozenHeadFirstSteps.before[2], after[1])  # the hook runs before the step
+
+
+def test_per_param_clipping_and_weight_decay_schedule(sample: Path, tmp_path: Path) -> None:
+    from densekit.train.trainer import Trainer, clip_gradients, load_state, weight_decay_at
+
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.1, 0.0, 0.0, 0.0])
+    total = clip_gradients([a, b], 1.0, "per_param")
+    assert float(total) == pytest.approx((25 + 0.01) ** 0.5)
+    assert float(a.grad.norm()) == pytest.approx(1.0, abs=1e-5) and torch.equal(b.grad, torch.tensor([0.1, 0, 0, 0]))
+    a.grad = torch.tensor([3.0, 4.0, 0.0])
+    b.grad = torch.tensor([0.1, 0.0, 0.0, 0.0])
+    clip_gradients([a, b], 1.0, "global")
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(1.0, abs=1e-5) and float(b.grad[0]) < 0.05
+
+    cfg = _cfg(sample, tmp_path / "run", "max_steps=4", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
+               "optim.grad_clip_mode=per_param")
+    assert [round(weight_decay_at(s, cfg), 6) for s in (0, 2, 4)] == [0.04, 0.22, 0.4]
+    assert weight_decay_at(3, _cfg(sample, tmp_path / "x")) == 0.05  # no end: constant
+    Trainer(cfg, objective_cls=TinyDense).fit()
+    _, meta = load_state(tmp_path / "run" / "state.safetensors")
+    groups = meta["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == pytest.approx(weight_decay_at(3, cfg)) and groups[1]["weight_decay"] == 0.0
+    logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["weight_decay"] for r in logged if "step" in r] == pytest.approx([weight_decay_at(s, cfg) for s in range(4)])
+    with pytest.raises(DensekitError, match="grad_clip_mode"):
+        _cfg(sample, tmp_path / "y", "optim.grad_clip_mode=layer")
+
+
+class ExportsTeacher(TinyDense):
+    name = "exportsteacher"
+
+    def export_backbone(self) -> DenseBackbone:
+        return self.teacher["backbone"]
+
+
+def test_export_backbone_chooses_what_is_exported(sample: Path, tmp_path: Path) -> None:
+    from densekit.serve.checkpoint import load_checkpoint
+    from densekit.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(_cfg(sample, run, "max_steps=2"), objective_cls=ExportsTeacher).fit()
+    bb, state = load_checkpoint(run / "backbone.safetensors"), _weights(run)
+    assert bb.meta.objective == "exportsteacher"
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, state[f"model.teacher.backbone.{k}"]), k
+    assert any(not torch.equal(v, state[f"model.backbone.{k}"]) for k, v in bb.state_dict().items())

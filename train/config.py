@@ -51,7 +51,11 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     warmup_steps: int = 0  # <0: 5% of max_steps
     min_lr_ratio: float = 0.0
-    grad_clip: float = 3.0  # max global grad norm; 0 disables
+    grad_clip: float = 3.0  # max grad norm; 0 disables
+    # global: one norm over all parameters; per_param: each parameter's gradient clipped alone (DINO, CrIBo, DropPos)
+    grad_clip_mode: Literal["global", "per_param"] = "global"
+    # None: constant weight_decay; else a cosine from weight_decay to this over the schedule (DINO: 0.04 -> 0.4)
+    weight_decay_end: float | None = None
 
 
 @dataclass
@@ -340,6 +344,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.data.crop_scale >= 1.0, f"data.crop_scale must be >= 1, got {cfg.data.crop_scale}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0 and cfg.optim.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0")
+    need(cfg.optim.weight_decay_end is None or cfg.optim.weight_decay_end >= 0,
+         f"optim.weight_decay_end must be >= 0 (or null), got {cfg.optim.weight_decay_end}")
     need(len(cfg.optim.betas) == 2, f"optim.betas must have 2 values, got {cfg.optim.betas}")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
     need(cfg.eval.every >= 0, "eval.every must be >= 0")

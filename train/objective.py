@@ -7,8 +7,16 @@ in the spirit of lightly's loss/head modules and solo-learn's ``BaseMethod``:
 * :meth:`Objective.transform` returns a picklable callable that runs in DataLoader workers on CPU and turns raw
   frames into one sample's fixed-shape arrays (views normalised with ``backbone.meta`` mean/std, flow, crops...).
 * :meth:`Objective.forward` turns a collated batch into ``{"loss": scalar, other scalars to log}``.
+* :meth:`Objective.before_optimizer_step` runs after ``backward`` (gradients unscaled under AMP) and before gradient
+  clipping and the optimiser step: DINO's ``freeze_last_layer``
+  (:func:`densekit.train.heads.cancel_last_layer_grads`), any gradient surgery.
 * :meth:`Objective.on_step_end` runs after each optimiser step (EMA momentum update, queue push, ...).
-* :meth:`Objective.student_backbone` is what gets exported to ``backbone.safetensors``.
+* :meth:`Objective.export_backbone` is what gets exported to ``backbone.safetensors`` and evaluated during
+  training: the student (:meth:`Objective.student_backbone`) by default; methods that evaluate their EMA teacher
+  (CrIBo, SelfPatch, DINO) return the teacher.
+
+EMA teachers are made with :func:`make_teacher` (frozen, no stochastic depth); :meth:`Objective.train` keeps them in
+eval mode when the trainer calls ``model.train()``.
 
 Rules for exact resume and DDP equivalence:
 
@@ -20,6 +28,17 @@ Rules for exact resume and DDP equivalence:
   same global batch.
 * No global RNG use inside ``forward`` except torch's (the trainer saves and restores torch, numpy and python RNG
   states). Augmentation randomness comes only from the ``np.random.Generator`` handed to the transform.
+* Every random choice of the method is drawn in the transform, from the sample's generator, and travels in the
+  batch as data: crops and flips, and also what official code draws with torch's RNG inside ``forward`` - cluster
+  initialisation indices (CrIBo's Sinkhorn centroids), patch and position masks (DropPos), sampled mask ids
+  (DetCon), dropped tokens (packing). The generator is seeded by (seed, global sample index), so the draws are a
+  pure function of the data position: the same on 1 or N processes and after a resume. (The torch RNG in
+  ``forward`` is per rank, so draws made there differ between 1 and N processes.)
+* Counts that vary per image (valid clusters, dropped-position tokens) are normalised over the global batch
+  (:func:`densekit.train.dist.global_mean`); variable-size state lives in fixed shapes with a validity mask
+  (:class:`densekit.train.dist.MaskedQueue`), so ``concat_all_gather`` applies.
+* Losses that overflow or underflow in fp16/bf16 (large softmaxes, Sinkhorn's exponentials, centring) run inside
+  :func:`densekit.train.losses.fp32` on ``.float()`` inputs: the trainer's forward runs under autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -128,6 +147,17 @@ class Objective(nn.Module):
         """
         return None
 
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        """Hook between ``backward`` and the optimiser step: gradients are there (unscaled under AMP), clipping
+        (``optim.grad_clip``) and the step come after. Setting a parameter's ``.grad`` to None makes the optimiser
+        skip it (DINO's ``freeze_last_layer``: :func:`densekit.train.heads.cancel_last_layer_grads`). Default:
+        nothing.
+
+        Args:
+            step: the step being taken, 0-based.
+            max_steps: total number of steps of the run.
+        """
+
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Hook after each optimiser step (EMA teacher momentum update, queue push...). Default: nothing.
@@ -140,6 +170,11 @@ class Objective(nn.Module):
     def student_backbone(self) -> DenseBackbone:
         """The student backbone (``self.backbone`` by default). What gets exported is :meth:`export_backbone`."""
         return self.backbone
+
+    def export_backbone(self) -> DenseBackbone:
+        """The backbone the trainer exports (``RUN_DIR/backbone.safetensors``) and evaluates during training.
+        Default: :meth:`student_backbone`; an objective whose paper evaluates the EMA teacher returns it here."""
+        return self.student_backbone()
 
     def teacher_modules(self) -> list[nn.Module]:
         """Modules :meth:`train` keeps in eval mode: by default every submodule made by :func:`make_teacher`."""

@@ -154,6 +154,40 @@ def warmup_steps(cfg: TrainConfig, max_steps: int | None = None) -> int:
     return int(round(0.05 * (max_steps or cfg.max_steps))) if w < 0 else int(w)
 
 
+def weight_decay_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
+    """Weight decay of step ``step``: ``optim.weight_decay``, or with ``optim.weight_decay_end`` set a half-cosine
+    from ``weight_decay`` (step 0) to ``weight_decay_end`` (end of the schedule), DINO's ``cosine_scheduler`` for
+    weight decay (0.04 -> 0.4 in DINO, CrIBo, SelfPatch); a pure function of the step like :func:`lr_at`."""
+    o = cfg.optim
+    if o.weight_decay_end is None:
+        return o.weight_decay
+    t = min(1.0, step / max(1, max_steps or cfg.max_steps))
+    return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str = "global") -> torch.Tensor:
+    """Clip gradients in place -> the global L2 norm of all gradients before clipping (for the log).
+
+    ``global``: one scale for all (``torch.nn.utils.clip_grad_norm_``). ``per_param``: each parameter's gradient
+    scaled to norm at most ``max_norm`` on its own (DINO's ``clip_gradients``, used by CrIBo, SelfPatch, DropPos).
+    Parameters without a gradient (e.g. cancelled by ``before_optimizer_step``) are skipped.
+    """
+    if mode == "global":
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if mode != "per_param":
+        raise DensekitError(f"optim.grad_clip_mode must be global or per_param, got {mode!r}")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack([g.detach().float().norm(2) for g in grads])
+    for g, n in zip(grads, norms):
+        coef = max_norm / (float(n) + 1e-6)
+        if coef < 1.0:
+            g.mul_(coef)
+    return norms.norm(2)
+
+
 def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then half-cosine to ``min_lr_ratio*lr``.
 
@@ -289,6 +323,7 @@ class _Run:
     device: torch.device
     use_amp: bool
     amp_dtype: torch.dtype
+    decay_groups: list[int] = field(default_factory=list)  # optimiser groups that take weight decay
 
 
 def _dataloader_error(exc: DensekitError) -> DensekitError:
@@ -413,6 +448,7 @@ class Trainer:
             (no_decay if p.ndim <= 1 else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
+        self._decay_groups = [0] if decay else []  # by position: loading an optimiser state replaces the dicts
         if not groups:
             raise DensekitError("the objective has no trainable parameters")
         if o.name == "sgd":
@@ -459,7 +495,10 @@ class Trainer:
         if not path.is_file():
             raise DensekitError(f"cannot resume: no {STATE_FILE} in {self.out}")
         tensors, meta = load_state(path)
-        old = flat(meta["config"])
+        try:  # a run saved before a config key existed has that key's default
+            old = flat(to_dict(from_dict(TrainConfig, meta["config"])))
+        except DensekitError:
+            old = flat(meta["config"])
         new = flat(to_dict(self.cfg))
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
@@ -563,7 +602,7 @@ class Trainer:
                       find_unused_parameters=cfg.ddp.find_unused_parameters,
                       **dist.ddp_buffer_kwargs(cfg.ddp.broadcast_buffers))
         run = _Run(model, fwd, optimizer, scaler, [p for p in model.parameters() if p.requires_grad], device,
-                   use_amp, amp_dtype)
+                   use_amp, amp_dtype, list(self._decay_groups))
         per_step = None
         if cfg.budget_s > 0 and not self.resumed_schedule and self.step == 0 and cfg.max_steps > CALIBRATION_STEPS:
             per_step = self._calibrate(run, dataset)
@@ -589,6 +628,10 @@ class Trainer:
         lr = lr_at(self.step, cfg, self.max_steps)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
+        if cfg.optim.weight_decay_end is not None:
+            wd = weight_decay_at(self.step, cfg, self.max_steps)
+            for i in run.decay_groups:
+                run.optimizer.param_groups[i]["weight_decay"] = wd
         try:
             with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
                 out = run.fwd(batch)
@@ -605,10 +648,12 @@ class Trainer:
             raise DensekitError(f"the loss became non-finite at step {self.step}; lower optim.lr or check the data")
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
+        if run.scaler.is_enabled():
+            run.scaler.unscale_(run.optimizer)  # the hook and the clipping see true gradients
+        run.model.before_optimizer_step(self.step, self.max_steps)
         grad_norm = torch.zeros(())
         if cfg.optim.grad_clip > 0:
-            run.scaler.unscale_(run.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+            grad_norm = clip_gradients(run.params, cfg.optim.grad_clip, cfg.optim.grad_clip_mode)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.model.on_step_end(self.step, self.max_steps)
@@ -730,6 +775,8 @@ class Trainer:
         scalars = {k: float(dist.all_reduce_mean(v.detach().float()).item())
                    for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         scalars.update(lr=lr, grad_norm=float(grad_norm), images_per_s=result.images_per_s)
+        if self.cfg.optim.weight_decay_end is not None:
+            scalars["weight_decay"] = weight_decay_at(self.step - 1, self.cfg, self.max_steps)
         result.metrics = scalars
         if dist.rank() == 0:
             self._log(writer, scalars)
@@ -765,7 +812,7 @@ class Trainer:
         if dist.rank() == 0:
             t0 = time.perf_counter()
             assert self.evaluator is not None  # checked in __init__
-            scores = self.evaluator(model.student_backbone(), ev, str(device))
+            scores = self.evaluator(model.export_backbone(), ev, str(device))
             scores = {"step": float(self.step), **scores, "seconds": time.perf_counter() - t0}
             if writer is not None:
                 for k in ("J&F", "J", "F"):
@@ -779,10 +826,10 @@ class Trainer:
         from densekit.serve.backbones import DenseBackbone
         from densekit.serve.checkpoint import save_checkpoint
 
-        student = model.student_backbone()
-        if not isinstance(student, DenseBackbone):
-            raise DensekitError("student_backbone() must return a DenseBackbone")
-        exported = copy.deepcopy(student).to("cpu").eval()
+        chosen = model.export_backbone()
+        if not isinstance(chosen, DenseBackbone):
+            raise DensekitError("export_backbone() must return a DenseBackbone")
+        exported = copy.deepcopy(chosen).to("cpu").eval()
         exported.meta = dataclasses.replace(exported.meta, objective=self.objective_cls.name or self.cfg.objective)
         save_checkpoint(exported, self.out / BACKBONE_FILE, extra_meta={
             "train_steps": self.step, "train_seed": self.cfg.seed, "train_hparams": self.cfg.hparams,
@@ -807,6 +854,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, **kwargs: Any) -> TrainResu
 
 
 __all__ = [
-    "Trainer", "TrainResult", "train", "lr_at", "get_objective_class", "available_objectives",
+    "Trainer", "TrainResult", "train", "lr_at", "weight_decay_at", "clip_gradients", "get_objective_class", "available_objectives",
     "resolve_hparams", "save_state", "load_state", "load_run_config", "from_dict",
 ]
