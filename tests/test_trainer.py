@@ -613,3 +613,30 @@ def test_export_backbone_chooses_what_is_exported(sample: Path, tmp_path: Path) 
     for k, v in bb.state_dict().items():
         assert torch.equal(v, state[f"model.teacher.backbone.{k}"]), k
     assert any(not torch.equal(v, state[f"model.backbone.{k}"]) for k, v in bb.state_dict().items())
+
+
+class RecordsGrads(TinyDense):
+    name = "recordsgrads"
+    grads: list[torch.Tensor] = []
+
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        type(self).grads.append(self.head.weight.grad.detach().clone())
+
+
+def test_before_optimizer_step_sees_unscaled_gradients_under_a_grad_scaler(sample: Path, tmp_path: Path) -> None:
+    from densekit.train.trainer import Trainer, _Run
+
+    cfg = _cfg(sample, tmp_path / "run", "hparams.drop=0.0", "optim.grad_clip=0")
+    trainer = Trainer(cfg, objective_cls=RecordsGrads, backbone_fn=tiny_backbone_nobn)
+    model = trainer._build_objective().train()
+    reference = copy.deepcopy(model)
+    opt = trainer._build_optimizer(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # what fp16 AMP does on CUDA
+    run = _Run(model, model, opt, scaler, [p for p in model.parameters() if p.requires_grad], torch.device("cpu"),
+               False, torch.float16, list(trainer._decay_groups))
+    g = torch.Generator().manual_seed(0)
+    batch = {"view1": torch.randn(4, 3, 32, 32, generator=g), "view2": torch.randn(4, 3, 32, 32, generator=g)}
+    RecordsGrads.grads = []
+    trainer._train_step(run, batch)
+    reference(batch)["loss"].backward()
+    torch.testing.assert_close(RecordsGrads.grads[0], reference.head.weight.grad, rtol=1e-5, atol=1e-7)
