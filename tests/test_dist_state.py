@@ -3,7 +3,8 @@
 The 1 == N checks spawn 2 gloo processes: each pushes its half of a global batch into a MaskedQueue and computes
 a masked mean loss with a different number of valid items per rank; the bank must equal one process pushing the
 whole batch, and the rank-averaged gradients (what DDP applies) must equal the single-process gradient. A
-per-rank mean (the naive normalisation) must not match: the check has teeth.
+per-rank mean (the naive normalisation) must not match: the check has teeth. DINOLoss's centre, updated from each
+rank's valid rows, must be the centre of one process.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _centre(teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """DINOLoss's centre after one update from (B, K) teacher rows of which ``valid`` count."""
+    from densekit.train.losses import DINOLoss
+
+    loss = DINOLoss(out_dim=teacher.shape[-1], center_momentum=0.5)
+    loss.update_center(teacher, valid.any(dim=1))
+    return loss.center.clone()
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -90,6 +100,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             full[half] = v.grad
             # DDP averages parameter gradients over ranks; here the "parameters" are the values themselves
             res[f"grad.{name}"] = dist.all_reduce_sum(full) / 2
+        res["center"] = _centre(values[half], valid[half])
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -111,3 +122,4 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
             assert torch.equal(res[f"q.{k}"], t), k  # same bank on every rank, in rank order
         torch.testing.assert_close(res["grad.global"], v.grad, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(res["grad.local"], v.grad, atol=1e-3)  # per-rank means are not 1 == N
+        torch.testing.assert_close(res["center"], _centre(values, valid), rtol=1e-6, atol=1e-7)
