@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
+from densekit.serve.errors import DensekitError
 from densekit.train.objectives.cribo import (
-    balanced_sinkhorn,
+    CrIBo,
     cycle_consistent_nn,
     joint_clustering,
     object_representations,
+    spatial_cost,
 )
 
 
@@ -18,17 +24,23 @@ def _grid(h: int, w: int) -> torch.Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (h*w, 2)
 
 
-def test_sinkhorn_balances_where_argmin_would_not() -> None:
-    """Every token prefers cluster 0: the arg-min of the cost puts all 64 there, the transport plan spreads them."""
+def test_sinkhorn_with_the_spatial_term_balances_where_argmin_would_not() -> None:
+    """Every token is closest to seed 0: the arg-min of the first round's cost puts (nearly) all 64 tokens in
+    cluster 0; one round of the transport plan, spatial term included, gives every cluster its share."""
     gen = torch.Generator().manual_seed(0)
-    n, k = 64, 8
-    cost = 0.5 + 0.1 * torch.rand(1, n, k, generator=gen)
-    cost[..., 0] = 0.1 * torch.rand(1, n, generator=gen)  # column 0 is the cheapest for every token
-    assert torch.bincount(cost[0].argmin(dim=1), minlength=k).tolist() == [n] + [0] * (k - 1)
-    plan = balanced_sinkhorn(cost, torch.full((1, 1, k), 1.0 / k))
-    assert torch.allclose(plan.sum(dim=1), torch.full((1, k), 1.0 / k), atol=1e-6)
-    sizes = torch.bincount(plan[0].argmax(dim=1), minlength=k)
-    assert sizes.min() >= n // (2 * k), sizes.tolist()
+    t, k = 64, 8
+    u = F.normalize(torch.randn(16, generator=gen), dim=0)
+    tokens = u + 0.02 * torch.randn(t, 16, generator=gen)
+    init = torch.arange(0, t, t // k)[None]  # seeds spread over the image
+    tokens[init[0, 1:]] = u + 2.0 * torch.randn(k - 1, 16, generator=gen)  # other seeds look less like the rest
+    tokens = tokens[None]
+    pos = _grid(8, 8)[None]
+    z = F.normalize(tokens, dim=-1)
+    cost = -(z @ z[0, init[0]].T)[0] + spatial_cost(pos, F.one_hot(init, t).transpose(1, 2).float())[0]
+    argmin_sizes = torch.bincount(cost.argmin(dim=1), minlength=k)
+    assert argmin_sizes.max() >= t - 2 * k, argmin_sizes.tolist()  # all but about the seeds
+    sizes = joint_clustering(tokens, pos, init, pos_alpha=1.0, n_iter=1).sum(dim=1)[0]
+    assert sizes.min() >= t // (2 * k), sizes.tolist()
 
 
 def test_spatial_term_makes_clusters_spatially_coherent() -> None:
@@ -100,3 +112,110 @@ def test_cycle_keeps_only_mutual_neighbours() -> None:
     assert bool((nn >= m).all())
     _, keep = cycle_consistent_nn(c1, bank1, bank2, torch.zeros_like(valid), c2, torch.ones(m, dtype=torch.bool), own)
     assert not keep.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective on a tiny ViT
+# --------------------------------------------------------------------------------------------------
+
+#: a 2-block, 32-wide ViT on 32 px views (4x4 patches of 8 px): seconds per step on a laptop CPU
+TINY_VIT = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.1}
+TINY_HPARAMS = {"n_tokens": 4, "queue_size": 4, "out_dim": 64, "out_dim_c": 64, "hidden_dim": 32,
+                "bottleneck_dim": 16, "crop_size": 32, "n_iter": 2, "nn_start_step": 2,
+                "warmup_teacher_temp_steps": 2, "freeze_last_layer_steps": 1}
+
+
+def _tiny_vit():  # noqa: ANN202
+    from densekit.serve.backbones import build_backbone
+
+    return build_backbone("timm:vit_tiny_patch16_224", kwargs=TINY_VIT)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from densekit.serve.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("sample") / "s", sequences=3, frames=8, height=64, width=96, seed=0)
+
+
+def _cfg(sample: Path, out: Path, *extra: str):  # noqa: ANN202
+    from densekit.train.config import build_config
+
+    hp = [f"hparams.{k}={v}" for k, v in TINY_HPARAMS.items()]
+    return build_config(
+        overrides=["max_steps=6", "batch_size=4", "data.size=[48,48]", "data.num_workers=0", "save_every=2",
+                   "log_every=1", "progress=false", "tensorboard=false", "deterministic=true", "optim.lr=0.0005",
+                   f"backbone_kwargs={json.dumps(TINY_VIT)}", *hp, *extra],
+        objective="cribo", backbone="timm:vit_tiny_patch16_224", out=str(out), data_path=str(sample))
+
+
+def test_absent_objects_get_no_loss_and_no_gradient() -> None:
+    model = CrIBo(_tiny_vit(), **TINY_HPARAMS).eval()  # eval: the centres stay put between the two calls
+    gen = torch.Generator().manual_seed(4)
+    b, k, d = 2, 4, 32
+    t_cls = torch.randn(2 * b, d, generator=gen)
+    s_cls = torch.randn(2 * b, d, generator=gen, requires_grad=True)
+    tc = (torch.randn(b, k, d, generator=gen), torch.randn(b, k, d, generator=gen))
+    sc = tuple(torch.randn(b, k, d, generator=gen, requires_grad=True) for _ in range(2))
+    valid = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    none = torch.zeros(b * k, dtype=torch.bool)
+    out = model.losses(t_cls, s_cls, tc, sc, valid, (none, none), (none.long(), none.long()))
+    out["loss"].backward()
+    for s in sc:
+        g = s.grad.abs().sum(dim=2)  # (B, K)
+        assert torch.equal(g[~valid], torch.zeros_like(g[~valid]))
+        assert bool((g[valid] > 0).all())
+    # changing an absent object changes no loss term
+    sc2 = (sc[0].detach().clone(), sc[1].detach().clone())
+    sc2[0][0, 1] += 10.0
+    again = model.losses(t_cls, s_cls.detach(), tc, sc2, valid, (none, none), (none.long(), none.long()))
+    assert float(again["s_loss"]) == pytest.approx(float(out["s_loss"]), abs=0)
+
+
+def test_a_few_trainer_steps_run_and_bootstrap(sample: Path, tmp_path: Path) -> None:
+    from densekit.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    result = Trainer(_cfg(sample, run)).fit()
+    assert result.step == 6
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    # the cross-image term is off while the banks fill and before nn_start, on afterwards
+    assert steps[0]["nn_loss"] == 0.0 and any(r["nn_loss"] > 0 for r in steps[2:])
+    assert all(1.0 <= r["region_count"] <= TINY_HPARAMS["n_tokens"] for r in steps)
+    assert (run / "backbone.safetensors").exists()
+
+
+def test_killed_and_resumed_run_is_bit_identical(sample: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from densekit.train.trainer import Trainer
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_5(_trainer: object, step: int) -> None:
+        if step == 5:
+            raise Kill
+
+    Trainer(_cfg(sample, tmp_path / "full")).fit()
+    with pytest.raises(Kill):
+        Trainer(_cfg(sample, tmp_path / "cut"), hooks=[kill_at_5]).fit()
+    Trainer(_cfg(sample, tmp_path / "cut"), resume=True).fit()
+    a, b = (load_file(str(tmp_path / r / "state.safetensors")) for r in ("full", "cut"))
+    a = {k: v for k, v in a.items() if k.startswith("model.")}
+    b = {k: v for k, v in b.items() if k.startswith("model.")}
+    assert a.keys() == b.keys() and bool(a["model.bank.valid"].any()) and int(a["model.bank.pushed"]) == 6 * 4
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_bad_input_is_one_clear_line() -> None:
+    from densekit.serve.backbones import build_backbone
+
+    with pytest.raises(DensekitError, match="timm ViT") as exc:
+        CrIBo(build_backbone("resnet18"), **TINY_HPARAMS)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(DensekitError, match="too small for n_tokens=32") as exc:
+        CrIBo(_tiny_vit(), **{**TINY_HPARAMS, "n_tokens": 32})  # 4x4 patches for 32 clusters
+    assert "\n" not in str(exc.value)

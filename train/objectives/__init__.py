@@ -5,6 +5,7 @@ Each is a :class:`densekit.train.objective.Objective` (loss + heads + training s
 
 from __future__ import annotations
 
+from densekit.train.objectives.cribo import CrIBo
 from densekit.train.objectives.densecl import DenseCL
 from densekit.train.objectives.detcon import DetCon
 from densekit.train.objectives.droppos import DropPos
@@ -15,5 +16,6 @@ from densekit.train.objectives.vicregl import VICRegL
 OBJECTIVES = {"poodle": PooDLe, "densecl": DenseCL, "vicregl": VICRegL, "hiergroup": HierGroupContrast}
 OBJECTIVES["detcon"] = DetCon
 OBJECTIVES["droppos"] = DropPos
+OBJECTIVES["cribo"] = CrIBo
 
-__all__ = ["OBJECTIVES", "DenseCL", "DetCon", "DropPos", "HierGroupContrast", "PooDLe", "VICRegL"]
+__all__ = ["OBJECTIVES", "CrIBo", "DenseCL", "DetCon", "DropPos", "HierGroupContrast", "PooDLe", "VICRegL"]

@@ -31,21 +31,33 @@ Differences from the official code, on purpose (each keeps 1 process == N proces
   exact ties give a token to several clusters).
 * Memory banks are fixed-shape (Q images x K slots x D) with a validity mask, start empty (official: uniform
   random entries that count as valid) and are a ring buffer (official: newest first; the same set of entries).
-  The cross-image loss starts at ``nn_start`` (a fraction of the run, official: epoch 1) and once the banks are
-  full. The backward search of the cycle runs over the objects of the global batch (official: the local batch).
+  The cross-image loss starts at ``nn_start_step`` (official: epoch 1) once the bank is full. The backward search of the cycle runs over the objects of the global batch (official: the local batch).
 * Loss means over a variable number of objects use global counts (all-reduced), so DDP gives the gradients of
   one process; the cross-image terms keep the official normalisation: both are divided by the number of kept
   view-1 queries, summed and halved (the paper divides the mirror term by its own count). L_cv^o keeps the
   official extra /2 (the project page's formula has none).
-* Schedules are functions of the step (official: of the epoch).
+* Schedules are functions of the step (official: of the epoch; the defaults convert epochs at 1251 steps each).
+* The CPU configuration (``train/configs/cribo_vit_tiny.yaml``) shrinks widths, K and the bank only.
 """
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
+from densekit.train.augment import VICREG_VIEW1, VICREG_VIEW2, RandomView, cell_locations, normalize
+from densekit.train.dist import MaskedQueue, all_reduce_sum, concat_all_gather, global_mean, rank, world_size
+from densekit.train.heads import DINOHead, cancel_last_layer_grads, weight_normed_linear
+from densekit.train.losses import DINOLoss, dino_cross_entropy, fp32, sinkhorn_knopp
+from densekit.train.objective import Objective, Transform, make_teacher
+from densekit.train.vit import ViTAdapter
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,25 +85,6 @@ def spatial_cost(positions: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     return near / near.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
-def balanced_sinkhorn(cost: torch.Tensor, col: torch.Tensor, lam: float = 20.0, iters: int = 5) -> torch.Tensor:
-    """Sinkhorn-Knopp transport plan with uniform rows and column marginal ``col`` (CrIBo's ``sinkhorn``), fp32.
-
-    Args:
-        cost: (B, T, K) cost in [0, 1].
-        col: (B, 1, K) column marginal (sums to 1).
-    Returns:
-        (B, T, K) plan: rows ~ 1/T, columns exactly ``col`` (the last scaling is the columns').
-    """
-    with torch.autocast(device_type=cost.device.type, enabled=False):
-        p = torch.exp(-lam * cost.float())
-        p = p / p.sum(dim=(1, 2), keepdim=True)
-        row = 1.0 / cost.shape[1]
-        for _ in range(iters):
-            p = p * (row / p.sum(dim=2, keepdim=True))
-            p = p * (col.float() / p.sum(dim=1, keepdim=True))
-        return torch.nan_to_num(p, nan=1e-8)
-
-
 @torch.no_grad()
 def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, init_idx: torch.Tensor, *,
                      pos_alpha: float = 1.0, lam: float = 20.0, sinkhorn_iters: int = 5, n_iter: int = 5,
@@ -105,23 +98,24 @@ def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, init_idx: to
     Returns:
         (B, T, K) float hard assignments (one 1 per token).
     """
-    with torch.autocast(device_type=tokens.device.type, enabled=False):
+    with fp32():
         z = F.normalize(tokens.float(), dim=-1)
         b, t, _ = z.shape
         k = init_idx.shape[1]
         assign = F.one_hot(init_idx, t).transpose(1, 2).float()  # (B, T, K): the seeds are the only members
         centroids = z.gather(1, init_idx[..., None].expand(-1, -1, z.shape[2]))  # (B, K, D)
-        col = torch.full((b, 1, k), 1.0 / k, device=z.device)
+        col = torch.full((b, k), 1.0 / k, device=z.device)
         for _ in range(n_iter):
             cost = -torch.einsum("btd,bkd->btk", z, centroids) + pos_alpha * spatial_cost(positions, assign)
             lo = cost.amin(dim=(1, 2), keepdim=True)
             hi = cost.amax(dim=(1, 2), keepdim=True)
             cost = (cost - lo) / (hi - lo).clamp_min(1e-12)  # per image: see the module docstring
-            plan = balanced_sinkhorn(cost, col, lam, sinkhorn_iters)
+            # exp(-lam * M), rows 1/T, columns col: CrIBo's sinkhorn (densekit's shared one, eps = 1 / lam)
+            plan = sinkhorn_knopp(-cost, sinkhorn_iters, eps=1.0 / lam, cluster_marginal=col)
             assign = F.one_hot(plan.argmax(dim=2), k).float()
             if update_c:
-                col = assign.sum(dim=1, keepdim=True) + 1e-2
-                col = col / col.sum(dim=2, keepdim=True)
+                col = assign.sum(dim=1) + 1e-2
+                col = col / col.sum(dim=1, keepdim=True)
             centroids = F.normalize(torch.einsum("btd,btk->bkd", z, assign), dim=-1)
         return assign
 
@@ -168,3 +162,253 @@ def cycle_consistent_nn(queries: torch.Tensor, bank_a: torch.Tensor, bank_b: tor
     back = torch.where(partners_valid[None, :], b[nn_idx] @ p.T, neg).argmax(dim=1)  # (M,)
     keep = (back == own) & bank_valid.any()
     return nn_idx, keep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU augmentation
+
+
+class CrIBoTransform:
+    """CrIBo's two global views (``DataAugmentationCrIBo``), their crop boxes and the clustering's seeds. Picklable.
+
+    ``__call__([image (H, W, 3) uint8], rng)`` -> ``view1``, ``view2``: (3, S, S) float32 normalised; ``box1``,
+    ``box2``: (4,) float32 crop boxes (positions of the patches in the original image come from them);
+    ``init_idx``: (K,) int64, K distinct indices into the 2N tokens of both views (the initial centroids).
+
+    RandomResizedCrop(S, scale (0.25, 1)) + flip p 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2;
+    view 1 blur p 1.0, view 2 blur p 0.1 and solarisation p 0.2 (VICReg's recipe, which CrIBo uses unchanged).
+    Bilinear resampling (official: bicubic), so the cell positions are exact.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], size: int, patch: int, n_tokens: int,
+                 scale: tuple[float, float] = (0.25, 1.0)) -> None:
+        self.mean, self.std, self.size, self.n_tokens = tuple(mean), tuple(std), int(size), int(n_tokens)
+        self.tokens = 2 * (self.size // int(patch)) ** 2
+        scale = (float(scale[0]), float(scale[1]))
+        self.views = (RandomView(VICREG_VIEW1, scale=scale), RandomView(VICREG_VIEW2, scale=scale))
+
+    def __call__(self, frames: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for k, view in enumerate(self.views, start=1):
+            pixels, box = view(frames[0], (self.size, self.size), rng)
+            out[f"view{k}"] = normalize(pixels, self.mean, self.std)
+            out[f"box{k}"] = np.asarray(box, np.float32)
+        out["init_idx"] = rng.choice(self.tokens, size=self.n_tokens, replace=False).astype(np.int64)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# heads
+
+
+class CrIBoHead(DINOHead):
+    """CrIBo's head: DINO's MLP shared by the CLS token and the objects, then two last layers.
+
+    ``forward(x)``: (M, in_dim) -> (M, out_dim) (CLS, ``last_layer``); ``forward_c(x)``: (M, in_dim) -> (M, out_dim_c)
+    (objects, ``last_layer_c``). :func:`densekit.train.heads.cancel_last_layer_grads` freezes both (by name).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, out_dim_c: int, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = False) -> None:
+        super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+        self.last_layer_c = weight_normed_linear(bottleneck_dim, out_dim_c, norm=norm_last_layer)
+
+    def forward_c(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer_c(self.embed(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the objective
+
+
+class CrIBo(Objective):
+    """CrIBo (ICLR 2024) on a timm ViT backbone; the teacher is exported (CrIBo evaluates the teacher).
+
+    Batch (from :meth:`transform`): ``view1``, ``view2`` (B, 3, S, S); ``box1``, ``box2`` (B, 4); ``init_idx``
+    (B, K). Logged: ``loss``, ``d_loss`` (L_cv^g), ``s_loss`` (L_cv^o), ``nn_loss`` (L_ci^o), ``region_count``
+    (objects present in both views per image), ``bootstrap_ratio`` (cycle-consistent share of the view-1 objects),
+    ``teacher_temp``.
+
+    Hyper-parameters (defaults: ViT-S/16 ImageNet-1k, ``checkpoints/vits16-in_args.json`` and ``CrIBoLoss``; the
+    epoch-counted ones in steps of batch 1024 on ImageNet-1k, 1251 steps per epoch):
+        n_tokens K 32, pos_alpha 1.0, sinkhorn_lambda 20, sinkhorn_iterations 5, n_iter 5, update_c True;
+        queue_size 25000 images (the bank holds queue_size x 2 x K x D floats: 2.4 GB for ViT-S);
+        out_dim = out_dim_c 65536, hidden_dim 2048, bottleneck_dim 256, norm_last_layer False;
+        teacher temperature 0.04 -> 0.07 linear over ``warmup_teacher_temp_steps`` (30 epochs), student 0.1;
+        centre momentum 0.9 (both centres); teacher EMA 0.996 -> 1 (cosine); ``freeze_last_layer_steps`` (1 epoch);
+        ``nn_start_step`` (the cross-image loss from epoch 1); crop_size 224, crop_scale (0.25, 1.0).
+    """
+
+    name: ClassVar[str] = "cribo"
+    data: ClassVar[str] = "images"
+
+    def __init__(self, backbone: DenseBackbone, *, n_tokens: int = 32, pos_alpha: float = 1.0,
+                 sinkhorn_lambda: float = 20.0, sinkhorn_iterations: int = 5, n_iter: int = 5, update_c: bool = True,
+                 queue_size: int = 25000, out_dim: int = 65536, out_dim_c: int = 65536, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = False, warmup_teacher_temp: float = 0.04,
+                 teacher_temp: float = 0.07, warmup_teacher_temp_steps: int = 30 * 1251, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, base_momentum: float = 0.996, freeze_last_layer_steps: int = 1251,
+                 nn_start_step: int = 1251, crop_size: int = 224,
+                 crop_scale: tuple[float, float] = (0.25, 1.0)) -> None:
+        super().__init__(backbone, n_tokens=n_tokens, pos_alpha=pos_alpha, sinkhorn_lambda=sinkhorn_lambda,
+                         sinkhorn_iterations=sinkhorn_iterations, n_iter=n_iter, update_c=update_c,
+                         queue_size=queue_size, out_dim=out_dim, out_dim_c=out_dim_c, hidden_dim=hidden_dim,
+                         bottleneck_dim=bottleneck_dim, norm_last_layer=norm_last_layer,
+                         warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp,
+                         warmup_teacher_temp_steps=warmup_teacher_temp_steps, student_temp=student_temp,
+                         center_momentum=center_momentum, base_momentum=base_momentum,
+                         freeze_last_layer_steps=freeze_last_layer_steps, nn_start_step=nn_start_step,
+                         crop_size=crop_size, crop_scale=tuple(crop_scale))
+        vit = ViTAdapter(backbone)
+        if not vit.has_class_token:
+            raise DensekitError("cribo needs a ViT with a class token (its global loss is on CLS)")
+        p = vit.patch_size
+        if crop_size % p:
+            raise DensekitError(f"cribo crop_size {crop_size} must be a multiple of the patch size {p}")
+        side = crop_size // p
+        if side * side < n_tokens or n_tokens < 1:
+            raise DensekitError(f"cribo: a {side}x{side} patch grid ({side * side} tokens per view) is too small for "
+                                f"n_tokens={n_tokens} clusters; lower hparams.n_tokens or raise hparams.crop_size")
+        if queue_size < 1:
+            raise DensekitError(f"cribo needs queue_size >= 1 image, got {queue_size}")
+        self.n_tokens, self.crop_size, self.crop_scale = int(n_tokens), int(crop_size), tuple(crop_scale)
+        self.cluster_kw = {"pos_alpha": float(pos_alpha), "lam": float(sinkhorn_lambda),
+                           "sinkhorn_iters": int(sinkhorn_iterations), "n_iter": int(n_iter),
+                           "update_c": bool(update_c)}
+        self.student_temp, self.base_momentum = float(student_temp), float(base_momentum)
+        self.freeze_last_layer_steps, self.nn_start_step = int(freeze_last_layer_steps), int(nn_start_step)
+
+        self.head = CrIBoHead(vit.dim, out_dim, out_dim_c, hidden_dim, bottleneck_dim, norm_last_layer)
+        self.teacher_backbone = make_teacher(backbone)
+        self.teacher_head = make_teacher(self.head)
+        temps = {"teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp,
+                 "warmup_steps": warmup_teacher_temp_steps, "student_temp": student_temp,
+                 "center_momentum": center_momentum}
+        self.cls_loss = DINOLoss(out_dim, **temps)  # L_cv^g and the CLS centre
+        self.object_loss = DINOLoss(out_dim_c, **temps)  # its centre_c and temperature; the terms are masked here
+        # past teacher objects (pre-head) of both views, one row of K slots per image
+        self.bank = MaskedQueue(queue_size, (2, n_tokens, vit.dim), (n_tokens,))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def transform(self) -> Transform:
+        """Two global views, their boxes and the K seed indices (:class:`CrIBoTransform`)."""
+        meta = self.backbone.meta
+        return CrIBoTransform(meta.mean, meta.std, self.crop_size, ViTAdapter(self.backbone).patch_size,
+                              self.n_tokens, self.crop_scale)
+
+    def nn_active(self) -> bool:
+        """The cross-image loss is on from ``nn_start_step`` once the bank is full (official: from epoch 1)."""
+        return int(self.steps_done) >= self.nn_start_step and self.bank.full
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _tokens(backbone: DenseBackbone, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix, patches, _ = ViTAdapter(backbone).tokens(x)
+        return prefix[:, 0], patches  # CLS (2B, D), last-layer normed patch tokens (2B, N, D)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """batch (see the class docstring) -> loss dict."""
+        v1, v2 = batch["view1"], batch["view2"]
+        b = v1.shape[0]
+        x = torch.cat([v1, v2])
+        with torch.no_grad():
+            t_cls, t_tok = self._tokens(self.teacher_backbone, x)
+            hw = ViTAdapter(self.backbone).grid_size(v1)
+            pos = torch.cat([cell_locations(batch[k].float(), tuple(v1.shape[-2:]), hw) for k in ("box1", "box2")],
+                            dim=1)  # (B, 2N, 2) in the pixels of the original image
+            assign = joint_clustering(torch.cat([t_tok[:b], t_tok[b:]], dim=1), pos, batch["init_idx"].long(),
+                                      **self.cluster_kw)
+            n = t_tok.shape[1]
+            a1, a2 = assign[:, :n], assign[:, n:]
+            tc1, p1 = object_representations(t_tok[:b].float(), a1)
+            tc2, p2 = object_representations(t_tok[b:].float(), a2)
+            valid = p1 & p2  # (B, K): objects present in both views; the others are dropped
+            keep1, keep2, nn1, nn2 = self._cross_image(tc1, tc2, valid)
+        s_cls, s_tok = self._tokens(self.backbone, x)
+        sc1, _ = object_representations(s_tok[:b], a1.to(s_tok.dtype))
+        sc2, _ = object_representations(s_tok[b:], a2.to(s_tok.dtype))
+        losses = self.losses(t_cls, s_cls, (tc1, tc2), (sc1, sc2), valid, (keep1, keep2), (nn1, nn2))
+        if self.training:
+            self._pending.append((torch.stack([tc1, tc2], dim=1), valid))
+        ratio = keep1.sum() / valid.sum().clamp_min(1)
+        return {**losses, "region_count": valid.sum(dim=1).float().mean(), "bootstrap_ratio": ratio.float(),
+                "teacher_temp": torch.tensor(self.object_loss.teacher_temp_at(int(self.steps_done)))}
+
+    def _cross_image(self, tc1: torch.Tensor, tc2: torch.Tensor, valid: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cycle-consistent bank neighbours of this rank's objects, checked against the global batch's objects.
+
+        Returns (keep1, keep2 (B*K,) bool, nn1, nn2 (B*K,) int64 flat indices into a view's bank).
+        """
+        b, k, _ = tc1.shape
+        g1, g2 = concat_all_gather(tc1), concat_all_gather(tc2)
+        gv = concat_all_gather(valid.to(torch.uint8)).bool()  # gloo has no bool all_gather
+        own = rank() * b * k + torch.arange(b * k, device=tc1.device)
+        bank1, bank2 = self.bank.items[:, 0].flatten(0, 1), self.bank.items[:, 1].flatten(0, 1)
+        bv = self.bank.valid.flatten()
+        nn1, keep1 = cycle_consistent_nn(tc1.flatten(0, 1), bank1, bank2, bv, g2.flatten(0, 1), gv.flatten(), own)
+        nn2, keep2 = cycle_consistent_nn(tc2.flatten(0, 1), bank2, bank1, bv, g1.flatten(0, 1), gv.flatten(), own)
+        v = valid.flatten()
+        return keep1 & v, keep2 & v, nn1, nn2
+
+    def losses(self, t_cls: torch.Tensor, s_cls: torch.Tensor, tc: tuple[torch.Tensor, torch.Tensor],
+               sc: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor, keep: tuple[torch.Tensor, torch.Tensor],
+               nn_idx: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The three terms (and the centre updates).
+
+        Args:
+            t_cls, s_cls: (2B, D) teacher / student CLS tokens, view 1 first.
+            tc, sc: per view (B, K, D) teacher / student objects; valid (B, K) present in both views.
+            keep: per view (B*K,) cycle-consistent objects; nn_idx: per view (B*K,) their flat bank index.
+        Means over a variable number of objects use global counts, so DDP equals one process.
+        """
+        step = int(self.steps_done)
+        with torch.no_grad():
+            t_logits = self.teacher_head(t_cls)
+            t_obj = torch.cat([self.teacher_head.forward_c(c.flatten(0, 1)) for c in tc])  # (2BK, C): view 1 first
+            pt_obj = self.object_loss.teacher_probs(t_obj, step).chunk(2)
+        s_logits = self.head(s_cls)
+        d_loss = self.cls_loss(s_logits.unflatten(0, (2, -1)), t_logits.unflatten(0, (2, -1)), step,
+                               update_center=self.training)
+        s_obj = [self.head.forward_c(c.flatten(0, 1)) for c in sc]
+        v = valid.flatten()
+        # mean over valid objects of each direction, then halved (the official extra /2)
+        s_loss = (global_mean(dino_cross_entropy(s_obj[1], pt_obj[0], self.student_temp), v)
+                  + global_mean(dino_cross_entropy(s_obj[0], pt_obj[1], self.student_temp), v)) / 2
+        nn_loss = s_cls.new_zeros(())
+        n_keep = all_reduce_sum(keep[0].sum().float())
+        if self.nn_active() and float(n_keep) > 0:
+            with torch.no_grad():
+                pn = [self.object_loss.teacher_probs(self.teacher_head.forward_c(
+                    self.bank.items[:, i].flatten(0, 1)[nn_idx[i]]), step) for i in (0, 1)]
+            ce1 = dino_cross_entropy(s_obj[1], pn[0], self.student_temp) * keep[0]
+            ce2 = dino_cross_entropy(s_obj[0], pn[1], self.student_temp) * keep[1]
+            # the official normalisation: both directions over the kept view-1 count, then halved
+            nn_loss = (ce1.sum() + ce2.sum()) * world_size() / (2 * n_keep)
+        if self.training:
+            self.object_loss.update_center(t_obj, torch.cat([v, v]))
+        return {"loss": d_loss + s_loss + nn_loss, "d_loss": d_loss.detach(), "s_loss": s_loss.detach(),
+                "nn_loss": nn_loss.detach()}
+
+    # -- around the step -----------------------------------------------------------------------------------------
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        """DINO's ``freeze_last_layer``: no update of both last layers for the first steps."""
+        cancel_last_layer_grads(self.head, step, self.freeze_last_layer_steps)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Bank push (gathered), then the teacher EMA: 1 - (1 - m0) (cos(pi k / K) + 1) / 2."""
+        for objects, valid in self._pending:
+            self.bank.push(objects, valid)
+        self._pending.clear()
+        m = 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * step / max(max_steps, 1)) + 1.0) / 2.0
+        for student, teacher in ((self.backbone, self.teacher_backbone), (self.head, self.teacher_head)):
+            for ps, pt in zip(student.parameters(), teacher.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
+        self.steps_done.fill_(step + 1)
+
+    def export_backbone(self) -> DenseBackbone:
+        """CrIBo evaluates (and exports) the teacher (``dinovit2mmseg.py`` takes ``checkpoint['teacher']``)."""
+        return self.teacher_backbone
