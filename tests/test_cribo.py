@@ -210,8 +210,9 @@ def test_killed_and_resumed_run_is_bit_identical(sample: Path, tmp_path: Path) -
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-def test_bad_input_is_one_clear_line() -> None:
+def test_bad_input_is_one_clear_line(sample: Path, tmp_path: Path) -> None:
     from densekit.serve.backbones import build_backbone
+    from densekit.train.trainer import Trainer
 
     with pytest.raises(DensekitError, match="timm ViT") as exc:
         CrIBo(build_backbone("resnet18"), **TINY_HPARAMS)
@@ -219,3 +220,7 @@ def test_bad_input_is_one_clear_line() -> None:
     with pytest.raises(DensekitError, match="too small for n_tokens=32") as exc:
         CrIBo(_tiny_vit(), **{**TINY_HPARAMS, "n_tokens": 32})  # 4x4 patches for 32 clusters
     assert "\n" not in str(exc.value)
+    # 3 videos x 8 frames = 24 images, a 64-image bank: refused before the first step
+    with pytest.raises(DensekitError, match="memory bank .* not smaller than the 24 training images") as exc:
+        Trainer(_cfg(sample, tmp_path / "big", "hparams.queue_size=64")).fit()
+    assert "\n" not in str(exc.value) and not (tmp_path / "big" / "state.safetensors").exists()

@@ -147,6 +147,11 @@ class Objective(nn.Module):
         """
         return None
 
+    def check_dataset(self, num_samples: int) -> None:
+        """Called once the training data is known, before the first step: raise
+        :class:`~densekit.serve.errors.DensekitError` when the objective cannot train on ``num_samples`` samples
+        (e.g. a memory bank of past images larger than the data). Default: nothing."""
+
     def before_optimizer_step(self, step: int, max_steps: int) -> None:
         """Hook between ``backward`` and the optimiser step: gradients are there (unscaled under AMP), clipping
         (``optim.grad_clip``) and the step come after. Setting a parameter's ``.grad`` to None makes the optimiser

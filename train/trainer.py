@@ -576,6 +576,7 @@ class Trainer:
             crop=cfg.data.crop, crop_scale=cfg.data.crop_scale, frame_step=cfg.data.frame_step,
             skip_short=cfg.data.skip_short,
         )
+        model.check_dataset(len(dataset))
         model.to(device)
         if world > 1 and cfg.ddp.sync_bn and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]

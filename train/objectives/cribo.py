@@ -298,6 +298,14 @@ class CrIBo(Objective):
         return CrIBoTransform(meta.mean, meta.std, self.crop_size, ViTAdapter(self.backbone).patch_size,
                               self.n_tokens, self.crop_scale)
 
+    def check_dataset(self, num_samples: int) -> None:
+        """The bank must hold fewer images than the data: otherwise it holds past crops of the very image being
+        trained on, its nearest neighbours are those, and the cycle check passes trivially."""
+        q = self.bank.size
+        if q >= num_samples:
+            raise DensekitError(f"cribo's memory bank (hparams.queue_size={q} images) is not smaller than the "
+                                f"{num_samples} training images; lower hparams.queue_size (well below the data size)")
+
     def nn_active(self) -> bool:
         """The cross-image loss is on from ``nn_start_step`` once the bank is full (official: from epoch 1)."""
         return int(self.steps_done) >= self.nn_start_step and self.bank.full
