@@ -4,7 +4,11 @@ the chosen neighbours only, the objective trains, resumes bit-identically and re
 from __future__ import annotations
 
 import itertools
+import json
+import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +96,95 @@ def test_bad_grid_and_k_are_one_line() -> None:
         with pytest.raises(DensekitError, match=match) as exc:
             call()
         assert "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective, through the trainer
+# --------------------------------------------------------------------------------------------------
+
+TINY_VIT = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.1,
+            "class_token": False, "global_pool": "avg"}
+TINY_HPARAMS = {"out_dim": 64, "out_dim_selfpatch": 32, "hidden_dim": 32, "bottleneck_dim": 16,
+                "global_crop_size": 32, "local_crop_size": 24, "local_crops_number": 2, "freeze_last_layer_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from densekit.serve.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("sample") / "s", sequences=3, frames=8, height=64, width=96, seed=0)
+
+
+def _cfg(sample: Path, out: Path, *extra: str):  # noqa: ANN202
+    from densekit.train.config import build_config
+
+    hp = [f"hparams.{k}={v}" for k, v in TINY_HPARAMS.items()]
+    return build_config(
+        overrides=["max_steps=6", "batch_size=4", "data.size=[48,48]", "data.num_workers=0", "save_every=2",
+                   "log_every=1", "progress=false", "tensorboard=false", "deterministic=true", "optim.lr=0.0005",
+                   "optim.weight_decay_end=0.4", "optim.grad_clip_mode=per_param",
+                   f"backbone_kwargs={json.dumps(TINY_VIT)}", *hp, *extra],
+        objective="selfpatch", backbone="timm:vit_tiny_patch16_224", out=str(out), data_path=str(sample))
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_at_5(_trainer: object, step: int) -> None:
+    if step == 5:
+        raise Kill
+
+
+def test_trainer_steps_resume_bit_identical_and_export_the_teacher(sample: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from densekit.serve.checkpoint import load_checkpoint
+    from densekit.train.trainer import Trainer
+
+    full = Trainer(_cfg(sample, tmp_path / "full"))
+    assert full.fit().step == 6
+    logs = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "loss" in r]
+    assert len(steps) == 6 and all(math.isfinite(r["loss"]) and math.isfinite(r["loss_patch"]) for r in steps)
+    model = full.model
+    # freeze_last_layer: both heads' last layers get no update before step 2, everything else does
+    batch = {k: torch.from_numpy(v)[None].repeat(2, *([1] * v.ndim))
+             for k, v in model.transform()([np.full((48, 48, 3), 90, np.uint8)], np.random.default_rng(0)).items()}
+    for step, frozen in ((1, True), (2, False)):
+        model.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+        model.before_optimizer_step(step, 6)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        last = [n for n in grads if "last_layer" in n]
+        assert last and all((grads[n] is None) == frozen for n in last)
+        assert grads["p_head.mlp.layers.0.weight"] is not None and grads["ca_head.query"] is not None
+    exported = load_checkpoint(tmp_path / "full" / "backbone.safetensors")
+    teacher_sd, student_sd = model.teacher_backbone.state_dict(), model.backbone.state_dict()
+    assert all(torch.equal(v, teacher_sd[k]) for k, v in exported.state_dict().items())
+    assert any(not torch.equal(v, student_sd[k]) for k, v in exported.state_dict().items())
+
+    with pytest.raises(Kill):
+        Trainer(_cfg(sample, tmp_path / "cut"), hooks=[_kill_at_5]).fit()
+    Trainer(_cfg(sample, tmp_path / "cut"), resume=True).fit()
+    a, b = (load_file(str(tmp_path / r / "state.safetensors")) for r in ("full", "cut"))
+    a = {k: v for k, v in a.items() if k.startswith("model.")}
+    b = {k: v for k, v in b.items() if k.startswith("model.")}
+    assert a.keys() == b.keys() and int(a["model.steps_done"]) == 6
+    assert bool(a["model.patch_loss.center"].abs().sum() > 0)  # the centres moved and are saved
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_cnn_backbone_or_a_tiny_grid_is_one_clear_line() -> None:
+    from densekit.serve.backbones import build_backbone
+
+    from densekit.train.objectives import OBJECTIVES, SelfPatch
+
+    assert OBJECTIVES["selfpatch"] is SelfPatch
+    with pytest.raises(DensekitError, match="timm ViT") as exc:
+        SelfPatch(build_backbone("resnet18"), **TINY_HPARAMS)
+    assert "\n" not in str(exc.value)
+    vit = build_backbone("timm:vit_tiny_patch16_224", kwargs=TINY_VIT)
+    with pytest.raises(DensekitError, match="local_crop_size 16 .* at least a 3x3 patch grid") as exc:
+        SelfPatch(vit, **{**TINY_HPARAMS, "local_crop_size": 16})  # 2x2 patches cannot hold a 3x3 window
+    assert "\n" not in str(exc.value)

@@ -29,13 +29,23 @@ Differences from the official code, on purpose:
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from timm.models.cait import ClassAttn
 from torch import nn
 
+from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
+from densekit.train.augment import VICREG_VIEW1, VICREG_VIEW2, Photometric, RandomView, normalize
+from densekit.train.heads import DINOHead, cancel_last_layer_grads
+from densekit.train.losses import DINOLoss, dino_cross_entropy
+from densekit.train.objective import Objective, Transform, make_teacher
+from densekit.train.vit import ViTAdapter
 
 BORDERS = ("wrap", "clamp")
 
@@ -168,3 +178,217 @@ def _init_linear(m: nn.Module) -> None:
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the patch-level loss
+
+
+class PatchDINOLoss(DINOLoss):
+    """SelfPatch's patch term: DINO's cross-entropy per patch, between the teacher's and the student's patch i of
+    the same view (no cross-view pairs), averaged over the patches of a view, then over views (each view counts
+    once, whatever its grid). Centring, sharpening and fp32 as :class:`~densekit.train.losses.DINOLoss`; the centre
+    moves toward the mean over every patch of every view (global batch).
+
+    ``forward(student, teacher, step)``: student, teacher: one (B, N_v, K) logits tensor per view -> scalar.
+    """
+
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],  # type: ignore[override]
+                step: int, update_center: bool = True) -> torch.Tensor:
+        if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):
+            raise ValueError(f"PatchDINOLoss needs one student and one teacher (B, N, K) per view, got "
+                             f"{[tuple(s.shape) for s in student]} and {[tuple(t.shape) for t in teacher]}")
+        terms = [dino_cross_entropy(s, self.teacher_probs(t, step), self.student_temp).mean()
+                 for s, t in zip(student, teacher)]
+        if update_center:
+            self.update_center(torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher]))
+        return torch.stack(terms).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU augmentation
+
+#: DINO's local crops (``DataAugmentationDINO.local_transfo``): flip, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grey 0.2,
+#: blur p 0.5. Its global crops are VICReg's two views (BYOL's recipe, which DINO took over).
+DINO_LOCAL = Photometric(jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5)
+
+
+class SelfPatchTransform:
+    """DINO's multi-crop, as SelfPatch uses it. Picklable.
+
+    ``__call__([image (H, W, 3) uint8], rng)`` -> ``globals`` (2, 3, Sg, Sg) and ``locals`` (L, 3, Sl, Sl) float32,
+    normalised with the backbone's mean/std. RandomResizedCrop (global scale (0.25, 1), local (0.05, 0.25)) + flip
+    p 0.5; global 1: :data:`~densekit.train.augment.VICREG_VIEW1` (blur p 1), global 2: ``VICREG_VIEW2`` (blur 0.1,
+    solarise 0.2), locals :data:`DINO_LOCAL`. OpenCV area/bilinear resampling (official: PIL bicubic).
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], global_size: int, local_size: int,
+                 local_crops_number: int, global_scale: tuple[float, float] = (0.25, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.25)) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.global_size, self.local_size = int(global_size), int(local_size)
+        self.local_number = int(local_crops_number)
+        gs, ls = (float(global_scale[0]), float(global_scale[1])), (float(local_scale[0]), float(local_scale[1]))
+        self.globals = (RandomView(VICREG_VIEW1, scale=gs, resample="resize"),
+                        RandomView(VICREG_VIEW2, scale=gs, resample="resize"))
+        self.local = RandomView(DINO_LOCAL, scale=ls, resample="resize")
+
+    def __call__(self, frames: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        img = frames[0].astype(np.float32) / 255.0
+        g = [self._view(v, img, self.global_size, rng) for v in self.globals]
+        loc = [self._view(self.local, img, self.local_size, rng) for _ in range(self.local_number)]
+        shape = (0, 3, self.local_size, self.local_size)
+        return {"globals": np.stack(g), "locals": np.stack(loc) if loc else np.zeros(shape, np.float32)}
+
+    def _view(self, view: RandomView, img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+        pixels, _ = view(img, (size, size), rng)
+        return normalize(pixels, self.mean, self.std)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the objective
+
+
+class SelfPatch(Objective):
+    """SelfPatch (CVPR 2022) on a timm ViT (DINO + the patch-level term).
+
+    Batch (from :meth:`transform`): ``globals`` (B, 2, 3, Sg, Sg), ``locals`` (B, L, 3, Sl, Sl) normalised.
+    Logged: ``loss``, ``loss_image``, ``loss_patch``, ``patch_max_prob`` (mean over teacher patches of the largest
+    probability of the sharpened patch target: near 1 means the patch head collapsed onto one prototype),
+    ``teacher_temp``.
+
+    The backbone is the ViT's last block, unnormalised (the official ViT has neither a CLS token nor a final norm:
+    ``backbone_kwargs`` ``class_token: false, global_pool: avg`` make timm's the same, and then the exported
+    backbone's features are exactly the official evaluation's ``get_intermediate_layers(n=1)``). A ViT with prefix
+    tokens works too: they take part in attention, but the head reads the patch tokens only.
+
+    Hyper-parameters (defaults: ``main_selfpatch.py`` and the README's command, ViT-S/16, batch 1024; the
+    epoch-counted ones in steps of 1251 per ImageNet-1k epoch):
+        k 4 neighbours of a ``window`` 3 square, ``border`` wrap; aggregation ``head_depth`` 2 class-attention
+        blocks (heads = the ViT's); out_dim 65536 (image head), out_dim_selfpatch 4096 (patch head), hidden_dim
+        2048, bottleneck_dim 256, norm_last_layer True; teacher temperature 0.04 constant (``warmup_teacher_temp``
+        0.04 over 0 steps), student 0.1, centre momentum 0.9 (both centres); ``patch_weight`` lambda 0.1; teacher
+        EMA 0.996 -> 1 (cosine); ``freeze_last_layer_steps`` 1251 (1 epoch); 2 global crops 224 px, scale
+        (0.25, 1), ``local_crops_number`` 8 of 96 px, scale (0.05, 0.25). The optimiser (AdamW, lr 5e-4 x batch /
+        256, wd 0.04 -> 0.4, per-parameter clipping 3.0) is the config's: see ``train/configs/selfpatch_vit_tiny.yaml``.
+    """
+
+    name: ClassVar[str] = "selfpatch"
+    data: ClassVar[str] = "images"
+
+    def __init__(self, backbone: DenseBackbone, *, k: int = 4, window: int = 3, border: str = "wrap",
+                 head_depth: int = 2, out_dim: int = 65536, out_dim_selfpatch: int = 4096, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, teacher_temp: float = 0.04,
+                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, patch_weight: float = 0.1, base_momentum: float = 0.996,
+                 freeze_last_layer_steps: int = 1251, global_crop_size: int = 224, local_crop_size: int = 96,
+                 local_crops_number: int = 8, global_crops_scale: tuple[float, float] = (0.25, 1.0),
+                 local_crops_scale: tuple[float, float] = (0.05, 0.25)) -> None:
+        super().__init__(backbone, k=k, window=window, border=border, head_depth=head_depth, out_dim=out_dim,
+                         out_dim_selfpatch=out_dim_selfpatch, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                         norm_last_layer=norm_last_layer, teacher_temp=teacher_temp,
+                         warmup_teacher_temp=warmup_teacher_temp, warmup_teacher_temp_steps=warmup_teacher_temp_steps,
+                         student_temp=student_temp, center_momentum=center_momentum, patch_weight=patch_weight,
+                         base_momentum=base_momentum, freeze_last_layer_steps=freeze_last_layer_steps,
+                         global_crop_size=global_crop_size, local_crop_size=local_crop_size,
+                         local_crops_number=local_crops_number, global_crops_scale=tuple(global_crops_scale),
+                         local_crops_scale=tuple(local_crops_scale))
+        vit = ViTAdapter(backbone)
+        self._check_crops(vit.patch_size, window, global_crop_size, local_crop_size, local_crops_number)
+        if patch_weight < 0 or head_depth < 1:
+            raise DensekitError(f"selfpatch needs patch_weight >= 0 and head_depth >= 1, got {patch_weight}, "
+                                f"{head_depth}")
+        self.patch_weight, self.base_momentum = float(patch_weight), float(base_momentum)
+        self.freeze_last_layer_steps = int(freeze_last_layer_steps)
+        self.crops = (int(global_crop_size), int(local_crop_size), int(local_crops_number),
+                      tuple(global_crops_scale), tuple(local_crops_scale))
+
+        num_heads = int(vit.blocks[0].attn.num_heads)
+        self.ca_head = SelfPatchHead(vit.dim, num_heads, k=k, depth=head_depth, window=window, border=border)
+        dino = {"hidden_dim": hidden_dim, "bottleneck_dim": bottleneck_dim, "norm_last_layer": norm_last_layer}
+        self.c_head = DINOHead(vit.dim, out_dim, **dino)
+        self.p_head = DINOHead(vit.dim, out_dim_selfpatch, **dino)
+        self.teacher_backbone = make_teacher(backbone)
+        self.teacher_ca_head = make_teacher(self.ca_head)
+        self.teacher_c_head = make_teacher(self.c_head)
+        self.teacher_p_head = make_teacher(self.p_head)
+        temps = {"teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp,
+                 "warmup_steps": warmup_teacher_temp_steps, "student_temp": student_temp,
+                 "center_momentum": center_momentum}
+        self.image_loss = DINOLoss(out_dim, **temps)
+        self.patch_loss = PatchDINOLoss(out_dim_selfpatch, **temps)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _check_crops(patch: int, window: int, global_size: int, local_size: int, local_number: int) -> None:
+        if local_number < 0:
+            raise DensekitError(f"selfpatch local_crops_number must be >= 0, got {local_number}")
+        sizes = [("global_crop_size", global_size)] + ([("local_crop_size", local_size)] if local_number else [])
+        for key, size in sizes:
+            if size % patch or size // patch < window:
+                raise DensekitError(f"selfpatch {key} {size} must be a multiple of the patch size {patch} giving at "
+                                    f"least a {window}x{window} patch grid (the neighbour window)")
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def transform(self) -> Transform:
+        """DINO's multi-crop (:class:`SelfPatchTransform`)."""
+        meta = self.backbone.meta
+        gsize, lsize, lnum, gscale, lscale = self.crops
+        return SelfPatchTransform(meta.mean, meta.std, gsize, lsize, lnum, gscale, lscale)
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def _outputs(self, teacher: bool, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One crop size through a network: views (B, V, 3, S, S) -> (image logits (V, B, K), patch logits
+        (V, B, N, K_p)). The teacher aggregates neighbours at patch level, the student does not."""
+        b, v = views.shape[:2]
+        x = views.transpose(0, 1).flatten(0, 1)  # view-major: (V B, 3, S, S)
+        nets = ((self.teacher_backbone, self.teacher_ca_head, self.teacher_c_head, self.teacher_p_head) if teacher
+                else (self.backbone, self.ca_head, self.c_head, self.p_head))
+        vit = ViTAdapter(nets[0])
+        _, tokens, hw = vit.tokens(x, norm=False)  # last block, raw: the official backbone output
+        image, patches = nets[1](tokens, hw, aggregate=teacher)
+        return nets[2](image).unflatten(0, (v, b)), nets[3](patches).unflatten(0, (v, b))
+
+    def _all_views(self, teacher: bool, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Global crops first, then the local ones: (image logits (V, B, K), [patch logits (B, N_v, K_p)] * V)."""
+        outs = [self._outputs(teacher, batch[key]) for key in ("globals", "locals") if batch[key].shape[1]]
+        return torch.cat([o[0] for o in outs]), [p for o in outs for p in o[1]]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """batch ``globals``, ``locals`` -> loss dict (see the class docstring)."""
+        step = int(self.steps_done)
+        with torch.no_grad():
+            t_image, t_patches = self._all_views(True, batch)
+        s_image, s_patches = self._all_views(False, batch)
+        # image term: teacher global views x every other student view; the centre (official quirk) moves toward
+        # the teacher's image tokens of all views, the local crops' included
+        loss_image = self.image_loss(s_image, t_image[:2], step, update_center=False)
+        loss_patch = self.patch_loss(s_patches, t_patches, step, update_center=self.training)
+        if self.training:
+            self.image_loss.update_center(t_image)
+        with torch.no_grad():
+            max_prob = torch.cat([self.patch_loss.teacher_probs(t, step).amax(-1).flatten() for t in t_patches])
+        return {"loss": loss_image + self.patch_weight * loss_patch, "loss_image": loss_image.detach(),
+                "loss_patch": loss_patch.detach(), "patch_max_prob": max_prob.mean(),
+                "teacher_temp": torch.tensor(self.patch_loss.teacher_temp_at(step))}
+
+    # -- around the step -----------------------------------------------------------------------------------------
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        """DINO's ``freeze_last_layer``: no update of both heads' last layers for the first steps."""
+        for head in (self.c_head, self.p_head):
+            cancel_last_layer_grads(head, step, self.freeze_last_layer_steps)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """Teacher EMA of backbone and all three heads: m = 1 - (1 - m0) (cos(pi k / K) + 1) / 2."""
+        m = 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * step / max(max_steps, 1)) + 1.0) / 2.0
+        pairs = ((self.backbone, self.teacher_backbone), (self.ca_head, self.teacher_ca_head),
+                 (self.c_head, self.teacher_c_head), (self.p_head, self.teacher_p_head))
+        for student, teacher in pairs:
+            for ps, pt in zip(student.parameters(), teacher.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
+        self.steps_done.fill_(step + 1)
+
+    def export_backbone(self) -> DenseBackbone:
+        """SelfPatch evaluates (and exports) the teacher (``eval_video_segmentation.py --checkpoint_key teacher``)."""
+        return self.teacher_backbone
