@@ -184,7 +184,13 @@ def test_a_few_trainer_steps_run_and_bootstrap(sample: Path, tmp_path: Path) -> 
     # the cross-image term is off while the banks fill and before nn_start, on afterwards
     assert steps[0]["nn_loss"] == 0.0 and any(r["nn_loss"] > 0 for r in steps[2:])
     assert all(1.0 <= r["region_count"] <= TINY_HPARAMS["n_tokens"] for r in steps)
-    assert (run / "backbone.safetensors").exists()
+    # the exported backbone is the EMA teacher, not the student
+    from safetensors.torch import load_file
+
+    exported, state = load_file(str(run / "backbone.safetensors")), load_file(str(run / "state.safetensors"))
+    name = next(k for k in exported if k.endswith("blocks.0.attn.qkv.weight"))
+    assert torch.equal(exported[name], state[f"model.teacher_backbone.{name}"])
+    assert not torch.equal(exported[name], state[f"model.backbone.{name}"])
 
 
 def test_killed_and_resumed_run_is_bit_identical(sample: Path, tmp_path: Path) -> None:

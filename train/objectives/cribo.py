@@ -259,7 +259,10 @@ class CrIBo(Objective):
                          center_momentum=center_momentum, base_momentum=base_momentum,
                          freeze_last_layer_steps=freeze_last_layer_steps, nn_start_step=nn_start_step,
                          crop_size=crop_size, crop_scale=tuple(crop_scale))
-        vit = ViTAdapter(backbone)
+        try:
+            vit = ViTAdapter(backbone)
+        except DensekitError as exc:
+            raise DensekitError(f"cribo: {exc}") from None
         if not vit.has_class_token:
             raise DensekitError("cribo needs a ViT with a class token (its global loss is on CLS)")
         p = vit.patch_size
