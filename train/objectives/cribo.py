@@ -29,15 +29,26 @@ Differences from the official code, on purpose (each keeps 1 process == N proces
   ``multinomial`` in the forward pass).
 * A token's hard assignment is its single arg-max cluster (official: every cluster equal to the row maximum, so
   exact ties give a token to several clusters).
-* Memory banks are fixed-shape (Q images x K slots x D) with a validity mask, start empty (official: uniform
-  random entries that count as valid) and are a ring buffer (official: newest first; the same set of entries).
-  The cross-image loss starts at ``nn_start_step`` (official: epoch 1) once the bank is full. The backward search of the cycle runs over the objects of the global batch (official: the local batch).
+* The memory bank is fixed-shape (:class:`densekit.train.dist.MaskedQueue` of Q images x (2 views, K slots, D))
+  with a validity mask, in the training state (exact resume), starts empty (official: uniform random entries that
+  count as valid) and is a ring buffer (official: newest first; the same set of entries). The official
+  bookkeeping-only CLS queue is not kept. The cross-image loss starts at ``nn_start_step`` (official: epoch 1)
+  once the bank is full. The backward search of the cycle runs over the objects of the global batch (official:
+  the local batch). A bank not smaller than the data is refused (:meth:`CrIBo.check_dataset`).
 * Loss means over a variable number of objects use global counts (all-reduced), so DDP gives the gradients of
   one process; the cross-image terms keep the official normalisation: both are divided by the number of kept
   view-1 queries, summed and halved (the paper divides the mirror term by its own count). L_cv^o keeps the
   official extra /2 (the project page's formula has none).
 * Schedules are functions of the step (official: of the epoch; the defaults convert epochs at 1251 steps each).
+* Views are resampled bilinearly (official: bicubic), so patch positions are exact cell centres.
 * The CPU configuration (``train/configs/cribo_vit_tiny.yaml``) shrinks widths, K and the bank only.
+
+Kept from the official code: the spatial term ignores zero distances (a token is not "near" its own cluster
+through itself) and gives empty pairs the image's mean cost; Sinkhorn exp(-20 M) with 5 row/column rounds
+(:func:`densekit.train.losses.sinkhorn_knopp`, fp32); objects are pre-head teacher means, matched by cosine, only
+the retrieved entries go through the teacher head; student objects reuse the teacher's assignments; one MLP and
+two last layers, both frozen for ``freeze_last_layer_steps``; the teacher has no stochastic depth
+(:func:`~densekit.train.objective.make_teacher`) and is what gets exported and evaluated.
 """
 
 from __future__ import annotations
@@ -48,7 +59,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from densekit.serve.backbones import DenseBackbone
 from densekit.serve.errors import DensekitError
