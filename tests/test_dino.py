@@ -160,3 +160,111 @@ def test_make_teacher_freezes_drops_no_paths_and_stays_in_eval_under_train():
     assert not torch.equal(s1, s2)  # the student keeps its stochastic depth
     obj.eval()
     assert not obj.backbone.training
+
+
+# -- the parts together in the trainer: a minimal DINO on a ViT, killed and resumed ---------------------------
+
+
+class MiniDINO(Objective):
+    """DINO with every shared part: ViT tokens (CLS), DINOHead, DINOLoss with temperature warm-up, a teacher from
+    make_teacher (EMA), freeze_last_layer in before_optimizer_step, a MaskedQueue of teacher CLS embeddings (pushed
+    in on_step_end, unused by the loss: it checks that the bank resumes exactly) and the teacher exported."""
+
+    name = "minidino"
+    data = "pairs"
+
+    def __init__(self, backbone, out_dim: int = 32, momentum: float = 0.9, freeze_steps: int = 2) -> None:
+        super().__init__(backbone, out_dim=out_dim, momentum=momentum, freeze_steps=freeze_steps)
+        from densekit.train.dist import MaskedQueue
+        from densekit.train.vit import ViTAdapter
+
+        dim = ViTAdapter(backbone).dim
+        self.head = DINOHead(dim, out_dim=out_dim, hidden_dim=32, bottleneck_dim=16)
+        self.teacher_backbone, self.teacher_head = make_teacher(backbone), make_teacher(self.head)
+        self.loss = DINOLoss(out_dim, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_steps=3)
+        self.bank = MaskedQueue(5, (dim,), mask_shape=())
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.momentum, self.freeze_steps = momentum, freeze_steps
+        self._keys = None
+
+    def transform(self):
+        from test_trainer import TinyTransform
+
+        return TinyTransform(self.backbone.meta.mean, self.backbone.meta.std)
+
+    def _cls(self, backbone, x):
+        from densekit.train.vit import ViTAdapter
+
+        return ViTAdapter(backbone).tokens(x)[0][:, 0]
+
+    def forward(self, batch):
+        x = torch.stack([batch["view1"], batch["view2"]])  # (2, B, 3, H, W)
+        s = torch.stack([self.head(self._cls(self.backbone, v)) for v in x])
+        with torch.no_grad():
+            cls_t = [self._cls(self.teacher_backbone, v) for v in x]
+            t = torch.stack([self.teacher_head(c) for c in cls_t])
+        self._keys = cls_t[0]
+        loss = self.loss(s, t, step=int(self.steps_done))
+        return {"loss": loss, "center_norm": self.loss.center.norm()}
+
+    def before_optimizer_step(self, step, max_steps):
+        cancel_last_layer_grads(self, step, self.freeze_steps)
+
+    @torch.no_grad()
+    def on_step_end(self, step, max_steps):
+        for ps, pt in zip((*self.backbone.parameters(), *self.head.parameters()),
+                          (*self.teacher_backbone.parameters(), *self.teacher_head.parameters())):
+            pt.mul_(self.momentum).add_(ps.detach(), alpha=1 - self.momentum)
+        self.bank.push(self._keys, torch.ones(self._keys.shape[0], dtype=torch.bool))
+        self.steps_done.add_(1)
+
+    def export_backbone(self):
+        return self.teacher_backbone
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from densekit.serve.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("sample") / "s", sequences=2, frames=6, height=64, width=64, seed=0)
+
+
+def _dino_cfg(sample, out, *extra):
+    from densekit.train.config import build_config
+
+    return build_config(
+        overrides=["max_steps=4", "batch_size=2", "data.size=[32,32]", "data.gap_max=2", "data.num_workers=0",
+                   "save_every=2", "log_every=1", "progress=false", "tensorboard=false", "deterministic=true",
+                   "optim.lr=0.01", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
+                   "optim.grad_clip_mode=per_param", "backbone_kwargs.depth=1", "backbone_kwargs.patch_size=8",
+                   "backbone_kwargs.img_size=32", "backbone_kwargs.drop_path_rate=0.1", *extra],
+        objective="minidino", backbone="timm:vit_tiny_patch16_224", out=str(out), data_path=str(sample))
+
+
+def test_minimal_dino_trains_resumes_bit_identically_and_exports_its_teacher(sample, tmp_path):
+    from safetensors.torch import load_file
+
+    from densekit.serve.checkpoint import load_checkpoint
+    from densekit.train.trainer import Trainer
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_3(_trainer, step):
+        if step == 3:
+            raise Kill
+
+    Trainer(_dino_cfg(sample, tmp_path / "full"), objective_cls=MiniDINO).fit()
+    with pytest.raises(Kill):
+        Trainer(_dino_cfg(sample, tmp_path / "cut"), objective_cls=MiniDINO, hooks=[kill_at_3]).fit()
+    Trainer(_dino_cfg(sample, tmp_path / "cut"), objective_cls=MiniDINO, resume=True).fit()
+    a = load_file(str(tmp_path / "full" / "state.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "state.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    assert int(a["model.bank.pushed"]) == 4 * 2 and bool(a["model.bank.valid"].all())
+    assert float(a["model.loss.center"].abs().sum()) > 0
+    # the teacher is what was exported, with the architecture of the timm kwargs
+    bb = load_checkpoint(tmp_path / "full" / "backbone.safetensors")
+    assert bb.meta.arch["kwargs"]["depth"] == 1 and bb.meta.objective == "minidino"
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, a[f"model.teacher_backbone.{k}"]), k
