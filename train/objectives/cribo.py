@@ -86,8 +86,11 @@ def spatial_cost(positions: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """
     dist = torch.cdist(positions.float(), positions.float())  # (B, T, T)
     # Zero distances are the token itself (or a token at the same place): they do not count as "near".
-    member = (assign[:, None, :, :] > 0) & (dist[..., None] > 0)  # (B, T, T, K)
-    near = torch.where(member, dist[..., None], torch.full_like(dist[..., None], float("inf"))).amin(dim=2)
+    dist = torch.where(dist > 0, dist, torch.full_like(dist, float("inf")))
+    # one cluster at a time: (B, T, T) each instead of a (B, T, T, K) tensor (2.5 GB at the paper's sizes)
+    inf = torch.full_like(dist, float("inf"))
+    near = torch.stack([torch.where(assign[:, None, :, k] > 0, dist, inf).amin(dim=2)
+                        for k in range(assign.shape[2])], dim=2)  # (B, T, K)
     has = torch.isfinite(near)
     near = torch.where(has, near, torch.zeros_like(near))
     mean = near.mean(dim=(1, 2), keepdim=True)
