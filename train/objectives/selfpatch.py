@@ -16,15 +16,25 @@ loss); SelfPatch evaluates the teacher, so the teacher's backbone is exported.
 
 Official details kept: the neighbourhood wraps around the grid borders (``get_local_index``: patch 0 of a
 6x6 grid has neighbours {1, 5, 6, 7, 11, 30, 31, 35}); class attention's keys include its own query token;
-patch centre over all patches of all views; constant teacher temperature 0.04; lambda 0.1.
+patch centre over all patches of all views, and the image centre over the teacher's image tokens of all views,
+the local crops' included (DINO's uses the global crops only; SelfPatch's teacher runs on the local crops, and its
+``update_center`` takes them all); each view weighs the same in the patch term whatever its grid; constant
+teacher temperature 0.04; lambda 0.1. The aggregation head equals the official ``SelfPatchHead`` to 1e-6 on the
+same weights (checked against ``selfpatch_vision_transformer.py`` at commit 81aef14 while writing this).
 
 Differences from the official code, on purpose:
 
 * Any h x w grid: the official head hard-codes 196 and 36 tokens (``assert(False)`` otherwise) and square grids;
   :func:`neighbour_index` builds the table for any grid of at least ``window`` x ``window``.
   ``border="clamp"`` (not in the official code) keeps the window inside the grid instead of wrapping.
-* The neighbour similarities come from one (B, N, N) cosine matrix gathered at the table, not from gathering
-  (B, N, 8, D) token copies: the same numbers, less memory for N < 8 D.
+* The neighbour similarities come from one (B, N, N) cosine matrix (fp32) gathered at the table, not from
+  gathering (B, N, 8, D) token copies: the same numbers, less memory for N < 8 D; and no ``squeeze()`` that
+  breaks the official selection at a batch of one.
+* Epoch-counted settings are steps (``freeze_last_layer_steps``, ``warmup_teacher_temp_steps``); the optimiser
+  settings (wd 0.04 -> 0.4, per-parameter clipping) are the trainer's config, not hparams.
+* Augmentation: densekit's OpenCV crops (area/bilinear, official PIL bicubic) and VICReg's two view recipes for the
+  global crops (the same distributions as DINO's; view 1 makes one extra, never-solarising draw).
+* Any timm ViT: prefix tokens (CLS, registers), if the ViT has them, take part in attention and are then ignored.
 """
 
 from __future__ import annotations
