@@ -11,8 +11,8 @@ import torch
 from densekit.serve.backbones import build_backbone
 from densekit.serve.errors import DensekitError
 from densekit.train.packing import (
-    PackCollate, Stream, drop_tokens, first_fit, native_grid, packed_blocks, packed_embed, packed_forward, padding_fraction, patchify,
-    segment_mean, segment_softmax, stream_for, unpack,
+    PackCollate, Stream, drop_tokens, first_fit, native_grid, packed_blocks, packed_embed, packed_forward,
+    padding_fraction, patchify, segment_mean, segment_softmax, stream_for, unpack,
 )
 from densekit.train.vit import ViTAdapter
 

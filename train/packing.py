@@ -20,13 +20,18 @@ is no official code; this is densekit's design after the paper's mechanisms (``.
   :func:`segment_sum` / :func:`segment_mean` / :func:`segment_softmax` (per-image pooling) and :func:`unpack`
   (per-image token lists, padded).
 
+Measured here (ViT-Tiny/16, 12 blocks, 8 images of 20-196 patches = 762 tokens with CLS, 2 shared CPU threads,
+medians of 8 interleaved rounds on a loaded machine): packed vs alone max |diff| 5.6e-6; with L = 256 (4 sequences)
+the forward is 1.7x and forward+backward 1.8x faster than one image at a time; one 762-token sequence is not
+faster (0.3x-1.3x across runs): its L^2 attention outweighs the batching gain at this width, so keep L near a few
+images' worth of tokens.
+
 Several packings of one sample can travel in one batch (DropPos packs the visible tokens and, for its attentive
 weights, the full image): each is a :class:`Stream` whose keys carry its prefix (``""``, ``"full_"``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 

@@ -283,7 +283,8 @@ class DropPos(Objective):
         nn.init.normal_(self.mask_pos_token, std=0.02)
         self.decoder = PositionDecoder(self.vit.dim, self.side**2, decoder_dim, decoder_depth, decoder_heads)
         self.register_buffer("sigma_now", torch.tensor(float(sigma), dtype=torch.float64))
-        self.mask_ratio, self.pos_mask_ratio, self.sigma0, self.sigma_decay = mask_ratio, pos_mask_ratio, sigma, sigma_decay
+        self.mask_ratio, self.pos_mask_ratio = mask_ratio, pos_mask_ratio
+        self.sigma0, self.sigma_decay = sigma, sigma_decay
         self.smoothing, self.attn_guide, self.attn_temperature = smoothing, attn_guide, attn_temperature
         self.size, self.scale, self.native, self.min_side = int(size), tuple(scale), bool(native), int(min_side)
 
