@@ -194,3 +194,109 @@ def test_resume_after_kill_is_bit_identical(sample: Path, tmp_path: Path) -> Non
     _assert_identical(a, b)
     assert float(a["model.momentum"]) > 0.996  # the EMA schedule ran and was restored
     assert not torch.equal(a["model.target_projector.layers.0.weight"], a["model.projector.layers.0.weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes on halves of one global batch == 1 process on all of it
+# ------------------------------------------------------------------------------------------------
+
+WORLD, GLOBAL_BATCH = 2, 4
+
+
+def _rect_frames(n: int, side: int = 64) -> list[np.ndarray]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(100 + i)
+        img = np.empty((side, side, 3), np.uint8)
+        img[:] = rng.integers(0, 255, 3)
+        for _ in range(3):
+            y, x = rng.integers(0, side - 20, 2)
+            img[y : y + int(rng.integers(16, 40)), x : x + int(rng.integers(16, 40))] = rng.integers(0, 255, 3)
+        out.append(img)
+    return out
+
+
+def _ddp_objective(variant: str) -> DetCon:
+    torch.manual_seed(0)
+    # eval mode: BatchNorm uses running statistics, so the halves do not differ through batch statistics (that
+    # is SyncBatchNorm's business); what is under test is the gathering of keys, ids and rank offsets
+    return DetCon(build_backbone("resnet18", seed=0), variant=variant, size=32, num_masks=6, fh_min_size=60,
+                  **SMALL).eval()
+
+
+def _ddp_batch() -> dict[str, torch.Tensor]:
+    tf = _ddp_objective("s").transform()
+    return default_collate([tf([f], np.random.default_rng(i)) for i, f in enumerate(_rect_frames(GLOBAL_BATCH))])
+
+
+def _grads(obj: DetCon) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in obj.named_parameters() if p.grad is not None}
+
+
+def _ranked_grads(rank: int, variant: str, gather: bool) -> dict[str, torch.Tensor]:
+    import densekit.train.objectives.detcon as detcon_mod
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from densekit.train import dist
+
+    obj = _ddp_objective(variant)
+    ddp = DDP(obj, find_unused_parameters=False, **dist.ddp_buffer_kwargs(False))
+    local = GLOBAL_BATCH // WORLD
+    batch = {k: v[rank * local : (rank + 1) * local] for k, v in _ddp_batch().items()}
+    saved = detcon_mod.gather_with_grad, detcon_mod.concat_all_gather
+    if not gather:  # a DDP-naive loss: keys and ids of this process only
+        detcon_mod.gather_with_grad = detcon_mod.concat_all_gather = lambda x: x  # type: ignore[assignment]
+    try:
+        ddp(batch)["loss"].backward()
+    finally:
+        detcon_mod.gather_with_grad, detcon_mod.concat_all_gather = saved
+    return _grads(obj)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as td
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for variant in ("b", "s"):
+            for gather in (True, False):
+                g = _ranked_grads(rank, variant, gather)
+                if rank == 0:
+                    save_file(g, os.path.join(out, f"{variant}_{'gather' if gather else 'local'}.safetensors"))
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_grads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("detcon_ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.spawn(_ddp_worker, args=(port, str(root)), nprocs=WORLD, join=True)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["b", "s"])
+def test_two_processes_give_the_gradients_of_one(ddp_grads: Path, variant: str) -> None:
+    from safetensors.torch import load_file
+
+    single = _ddp_objective(variant)
+    single(_ddp_batch())["loss"].backward()
+    ref = _grads(single)
+    two = load_file(str(ddp_grads / f"{variant}_gather.safetensors"))
+    assert ref.keys() == two.keys() and any(k.startswith("backbone.") for k in ref)
+    for k in ref:
+        torch.testing.assert_close(two[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    naive = load_file(str(ddp_grads / f"{variant}_local.safetensors"))
+    assert any(not torch.allclose(naive[k], ref[k], rtol=1e-5, atol=1e-6) for k in ref)
