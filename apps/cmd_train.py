@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train", help=HELP)
     def train(
         overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE config overrides.", show_default=False)] = None,
-        objective: Annotated[Optional[str], typer.Option("--objective", help="Objective name (poodle, densecl, vicregl, hiergroup) or module:Class.")] = None,
+        objective: Annotated[Optional[str], typer.Option("--objective", help="Objective name (poodle, densecl, vicregl, hiergroup, cribo, detcon, selfpatch, droppos) or module:Class; CPU-sized configs in densekit/train/configs/.")] = None,
         backbone: Annotated[Optional[str], typer.Option("--backbone", help="resnet18 | resnet50 | efficientnet_lite0 | timm:<name> | a .safetensors checkpoint to start from.")] = None,
         data: Annotated[Optional[Path], typer.Option("--data", help="DAVIS root, folder of videos, folder of frame folders, or folder of images.")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (created).")] = None,
@@ -47,12 +47,14 @@ def register(app: typer.Typer) -> None:
             from densekit.train.trainer import load_run_config
 
             base = load_run_config(out)
-        elif objective is None:
-            raise DensekitError("no objective: pass --objective NAME")
+        elif objective is None and config is None:
+            raise DensekitError("no objective: pass --objective NAME (or a --config that names one)")
         elif data is None:
             raise DensekitError("no training data: pass --data PATH")
         cfg = build_config(config, list(overrides or []), base=base, objective=objective, backbone=backbone,
                            out=str(out), data_path=str(data) if data is not None else None)
+        if not cfg.objective:
+            raise DensekitError(f"no objective: {config} names none; pass --objective NAME")
 
         from densekit.train.trainer import Trainer, get_objective_class
 
