@@ -253,36 +253,24 @@ def _ranked_grads(rank: int, variant: str, gather: bool) -> dict[str, torch.Tens
     return _grads(obj)
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _ddp_ranks(rank: int, world: int, out: str) -> None:
     import os
 
-    import torch.distributed as td
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for variant in ("b", "s"):
-            for gather in (True, False):
-                g = _ranked_grads(rank, variant, gather)
-                if rank == 0:
-                    save_file(g, os.path.join(out, f"{variant}_{'gather' if gather else 'local'}.safetensors"))
-    finally:
-        td.destroy_process_group()
+    for variant in ("b", "s"):
+        for gather in (True, False):
+            g = _ranked_grads(rank, variant, gather)
+            if rank == 0:
+                save_file(g, os.path.join(out, f"{variant}_{'gather' if gather else 'local'}.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def ddp_grads(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import socket
-
-    import torch.multiprocessing as mp
+    from _gloo import run_ranks
 
     root = tmp_path_factory.mktemp("detcon_ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    mp.spawn(_ddp_worker, args=(port, str(root)), nprocs=WORLD, join=True)
+    run_ranks(_ddp_ranks, str(root), world=WORLD)
     return root
 
 

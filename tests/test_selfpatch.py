@@ -242,35 +242,23 @@ def _selfpatch_step(rank: int, world: int, local_centre: bool = False) -> dict[s
     return {**out, "image_center": model.image_loss.center.clone(), "patch_center": model.patch_loss.center.clone()}
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _ddp_ranks(rank: int, world: int, out: str) -> None:
     import os
 
-    import torch.distributed as td
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        for name, local in (("global", False), ("local", True)):
-            res = _selfpatch_step(rank, 2, local)
-            if rank == 0:
-                save_file(res, os.path.join(out, f"{name}.safetensors"))
-    finally:
-        td.destroy_process_group()
+    for name, local in (("global", False), ("local", True)):
+        res = _selfpatch_step(rank, world, local)
+        if rank == 0:
+            save_file(res, os.path.join(out, f"{name}.safetensors"))
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_gradients_and_centres_of_one(tmp_path: Path) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
+    from _gloo import run_ranks
     from safetensors.torch import load_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_ddp_ranks, str(tmp_path))
     one = _selfpatch_step(0, 1)
     two, naive = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("global", "local"))
     assert one.keys() == two.keys() and any("last_layer" in k for k in one)
