@@ -301,6 +301,26 @@ def test_bad_input_is_a_message_and_the_session_goes_on(app, client, tmp_path: P
     assert "covers" in client.predict(0, 1, "Positive", 0, SIDE, x, y, api_name="/click")[1]  # still working
 
 
+def test_no_event_but_the_users_writes_a_session(app) -> None:
+    """A session is made when it is first used, never by an event of its own: a page-load event that sets the
+    state (what gr.State(callable) adds) can land after a fast user's first load and put an empty session in
+    its place, so that the next click says "Load a video first." (seen in the browser test under load)."""
+    import copy
+
+    import gradio as gr
+
+    from densekit.apps.app import TrackSession
+
+    states = {b._id for b in app.demo.blocks.values() if isinstance(b, gr.State)}
+    assert len(states) == 2  # the Track and the Webcam sessions
+    writers = [d for d in app.demo.config["dependencies"] if states & set(d["outputs"])]
+    assert not writers, [(d.get("api_name"), d["targets"]) for d in writers]
+    first = TrackSession()
+    first.objects.append(3)
+    fresh = copy.deepcopy(first)  # what each browser session is given
+    assert fresh is not first and fresh.objects == [] and fresh.video is None
+
+
 @pytest.mark.slow
 def test_two_sessions_do_not_mix(app, tmp_path: Path) -> None:
     clients = [_client(app, tmp_path / f"c{i}") for i in range(3)]

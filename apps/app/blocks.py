@@ -59,8 +59,10 @@ def build_app(
         f"preset `{engine.preset}`"
     )
     with gr.Blocks(title="densekit", delete_cache=(1800, 3600)) as demo:
-        track_state = gr.State(TrackSession, delete_callback=_close)
-        webcam_state = gr.State(WebcamSession)
+        # instances, not the classes: each session gets a fresh deep copy when it first needs one, and no
+        # page-load event races the user's first click
+        track_state = gr.State(TrackSession(), delete_callback=_close)
+        webcam_state = gr.State(WebcamSession())
         gr.Markdown(intro)
         with gr.Tabs():
             track = TrackTab(engine, track_state, engine.sample_names())
@@ -71,10 +73,6 @@ def build_app(
         webcam.wire()
         search.wire()
         features.wire()
-    for fn in demo.fns.values():
-        # gr.State(callable) adds a page-load event named after the callable; it is plumbing, not API
-        if fn.fn in (TrackSession, WebcamSession):
-            fn.api_visibility = "undocumented"
     demo.queue(default_concurrency_limit=concurrency)
     demo.engine = engine  # for tests and benchmarks: the shared model and settings
     return demo

@@ -70,8 +70,10 @@ class TrackSession:
         self._downloads = 0
 
     def __deepcopy__(self, memo: dict) -> "TrackSession":
-        # gr.State deep-copies a fresh session's initial value; the object is made per session already.
-        return self
+        # gr.State gives each browser session a deep copy of its initial value: that copy is a new, empty
+        # session (a callable initial value would add a page-load event that can land after the user's
+        # first load and replace the loaded session with an empty one)
+        return type(self)()
 
     def close(self) -> None:
         """Delete the session's files (called when Gradio drops the session)."""

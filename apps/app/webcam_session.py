@@ -35,7 +35,8 @@ class WebcamSession:
         self.frames = 0
 
     def __deepcopy__(self, memo: dict) -> "WebcamSession":
-        return self
+        # a new, empty session per browser session (see TrackSession.__deepcopy__)
+        return type(self)()
 
     def capture(self) -> np.ndarray:
         if self.last_frame is None:
