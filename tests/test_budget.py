@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from densekit.train.budget import Budget, StepTimer, children_cpu_seconds, clock_fn, cpu_seconds, seconds_per_step
+from densekit.train.budget import Budget, Replan, StepTimer, children_cpu_seconds, clock_fn, cpu_seconds, seconds_per_step
 
 
 def _burn_then_wait(seconds: float, done, release) -> None:  # noqa: ANN001 - multiprocessing events
@@ -66,3 +66,31 @@ def test_clock_names() -> None:
         sum(range(20000))
         timer.tick()
     assert timer.seconds_per_step() > 0
+
+
+def test_replan_resizes_from_the_loops_rate_at_its_points() -> None:
+    b = Budget(100.0, "wall")
+    b.elapsed = lambda: now  # type: ignore[method-assign]  # a clock the test moves
+    now = 0.0
+    r = Replan(b, cap=1000, at=(0.1, 0.5), min_steps=4)
+    r.start(0)
+    now = 20.0
+    assert r.due(3) is None  # too few steps to measure a rate
+    now = 5.0
+    assert r.due(5) is None  # before the first point
+    now = 10.0
+    assert r.due(10) == (100, 1.0)  # 1 s/step, 90 s left
+    now = 30.0
+    assert r.due(20) is None  # between the points
+    now = 50.0
+    assert r.due(25) == (50, 2.0)  # slower now: 2 s/step, 25 more steps
+    now = 90.0
+    assert r.due(40) is None  # no points left
+    r, now = Replan(b, cap=12), 0.0
+    r.start(0)
+    now = 60.0
+    assert r.due(10) == (12, 6.0)  # both points passed at once (6 more steps fit), never over the cap
+    r, now = Replan(b, cap=1000), 0.0
+    r.start(0)
+    now = 99.0
+    assert r.due(10) == (11, 9.9)  # nothing fits in the last second: one more step, the budget then stops it

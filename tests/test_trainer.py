@@ -309,6 +309,24 @@ def test_budget_stops_within_budget_plus_one_step(sample: Path, tmp_path: Path, 
     assert meta["max_steps"] == res.max_steps and meta["step"] == res.step
 
 
+def test_budget_replans_when_the_calibration_was_wrong(sample: Path, tmp_path: Path, monkeypatch) -> None:
+    """A calibration 5x too pessimistic (a loaded machine while it timed its steps) would end the schedule at a
+    fifth of the budget; the loop's own rate re-sizes it, so the run uses the budget (and says so in the log)."""
+    from densekit.train.trainer import Trainer
+
+    real = Trainer._calibrate
+    monkeypatch.setattr(Trainer, "_calibrate", lambda self, run, ds: 5 * real(self, run, ds))
+    budget_s = 3.0
+    cfg = _cfg(sample, tmp_path / "run", f"budget_s={budget_s}", "max_steps=100000", "save_every=0",
+               "log_every=5", "deterministic=false")
+    res = Trainer(cfg, objective_cls=TinyDense, backbone_fn=tiny_backbone_bn).fit()
+    (calib,) = _records(tmp_path / "run", "budget")
+    replans = _records(tmp_path / "run", "replan")
+    assert replans and replans[0]["max_steps"] > 2 * calib["max_steps"], (calib, replans)
+    assert res.max_steps == replans[-1]["max_steps"] and res.step > 2 * calib["max_steps"]
+    assert res.seconds >= 0.9 * budget_s, res.seconds
+
+
 def test_budget_config_is_checked() -> None:
     with pytest.raises(DensekitError, match="budget_s"):
         build_config(overrides=["budget_s=-1"])

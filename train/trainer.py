@@ -22,10 +22,12 @@ DataLoader gets its own generator so creating it never consumes the global RNG).
 Time budget: with ``budget_s`` > 0 the trainer times :data:`~densekit.train.budget.CALIBRATION_STEPS` steps on the
 ``clock`` (``wall`` or ``cpu``, see :mod:`densekit.train.budget`; the time counts from the start of ``fit``, model
 building included), puts model, optimiser and RNGs back, and sets the schedule length (``max_steps`` is then an
-upper bound) so that the cosine ends with the budget; it stops after the first step that finds the budget spent,
+upper bound) so that the cosine ends with the budget; at 10 % and 50 % of the budget it re-sizes the schedule from
+the loop's own rate (:class:`~densekit.train.budget.Replan`: a calibration taken while the machine was busy, or in
+a cold process, can be several times off); it stops after the first step that finds the budget spent,
 then saves and exports as a finished run. The schedule length and the time spent are in the state file, so a
 resumed budget run keeps its schedule (exact resume) and its remaining time. ``log.jsonl`` gets a ``budget``
-record (calibration) and every run an ``end`` record (clock, seconds, whether the budget stopped it).
+record (calibration), a ``replan`` record per re-sizing, and every run an ``end`` record (clock, seconds, whether the budget stopped it).
 
 DDP: ``torchrun --nproc_per_node N densekit train ...`` (or any launcher setting RANK/WORLD_SIZE/MASTER_ADDR);
 gloo on CPU, nccl on CUDA. ``batch_size`` is the global batch; rank r gets samples
@@ -57,7 +59,7 @@ from torch import nn
 from densekit.serve.atomic import atomic_path, write_text_atomic
 from densekit.serve.errors import DensekitError, one_line
 from densekit.train import dist
-from densekit.train.budget import CALIBRATION_STEPS, Budget, StepTimer
+from densekit.train.budget import CALIBRATION_STEPS, Budget, Replan, StepTimer
 from densekit.train.config import RESUMABLE_CHANGES, TrainConfig, dump_yaml, flat, from_dict, to_dict
 from densekit.train.objective import Objective
 
@@ -396,6 +398,7 @@ class Trainer:
         self.max_steps = cfg.max_steps  # the schedule length; a budget run's calibration sets it
         self.budget = Budget(cfg.budget_s, cfg.clock)
         self.resumed_schedule = False
+        self._replan: Replan | None = None
         self.model: Objective | None = None
         self._first_step = True
 
@@ -604,9 +607,10 @@ class Trainer:
                       **dist.ddp_buffer_kwargs(cfg.ddp.broadcast_buffers))
         run = _Run(model, fwd, optimizer, scaler, [p for p in model.parameters() if p.requires_grad], device,
                    use_amp, amp_dtype, list(self._decay_groups))
-        per_step = None
+        per_step, self._replan = None, None
         if cfg.budget_s > 0 and not self.resumed_schedule and self.step == 0 and cfg.max_steps > CALIBRATION_STEPS:
             per_step = self._calibrate(run, dataset)
+            self._replan = Replan(self.budget, cfg.max_steps)
             self.max_steps = self.budget.schedule_length(per_step, cfg.max_steps)
             if rank == 0:
                 self._record({"budget": {"budget_s": cfg.budget_s, "clock": cfg.clock, "seconds_per_step": per_step,
@@ -706,6 +710,20 @@ class Trainer:
         est = torch.tensor([timer.seconds_per_step()], dtype=torch.float64, device=run.device)
         return float(dist.broadcast_(est).item())
 
+    def _replanned(self, replan: Replan, device: torch.device) -> bool:
+        """Rank 0's re-plan of the schedule length after this step (:class:`~densekit.train.budget.Replan`),
+        taken by every rank; True when the length changed."""
+        due = replan.due(self.step) if dist.rank() == 0 else None
+        new = torch.tensor([float(due[0]) if due else 0.0], dtype=torch.float64, device=device)
+        new = int(dist.broadcast_(new).item())
+        if new <= 0 or new == self.max_steps:
+            return False
+        if dist.rank() == 0 and due:
+            self._record({"replan": {"step": self.step, "max_steps": new, "was": self.max_steps,
+                                     "seconds_per_step": due[1], "elapsed_s": self.budget.elapsed()}})
+        self.max_steps = new
+        return True
+
     def _budget_spent(self, device: torch.device) -> bool:
         """Rank 0's view of the budget, so that every rank stops after the same step."""
         if self.cfg.budget_s <= 0:
@@ -728,7 +746,11 @@ class Trainer:
                              budget_s=cfg.budget_s)
         t_start, imgs = time.perf_counter(), 0
         run.model.train()
-        batches = self._batches(dataset, self.step, end, run.device)
+        replan = self._replan
+        if replan is not None:  # the schedule may grow: the data runs to the cap, the loop to ``end``
+            replan.start(self.step)
+        last = min(cfg.max_steps, cfg.halt_at or cfg.max_steps) if replan is not None else end
+        batches = self._batches(dataset, self.step, last, run.device)
         try:
             while self.step < end and not self._budget_spent(run.device):
                 batch = next(batches, None)
@@ -742,6 +764,11 @@ class Trainer:
                 result.images_per_s = imgs / max(time.perf_counter() - t_start, 1e-9)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._log_step(writer, bar, result, out, lr, grad_norm)
+                if replan is not None and self._replanned(replan, run.device):
+                    end = self.max_steps if not cfg.halt_at else min(self.max_steps, cfg.halt_at)
+                    result.max_steps = self.max_steps
+                    if bar is not None:
+                        bar.total = self.max_steps
                 if bar is not None:
                     bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
