@@ -208,3 +208,88 @@ def test_resume_after_kill_is_bit_identical(sample: Path, tmp_path: Path) -> Non
     moved = [k for k in init if not torch.equal(init[k], a[f"model.{k}"])]
     assert "mask_pos_token" in moved and any(k.startswith("decoder.") for k in moved)
     assert "backbone.body.model.pos_embed" not in moved  # the sin-cos positions stay fixed
+
+
+# --------------------------------------------------------------------------------------------------
+# 2 gloo processes == 1 process
+# --------------------------------------------------------------------------------------------------
+
+DDP_BATCH = 4
+
+
+def _ddp_batches(world: int) -> list[dict[str, torch.Tensor]]:
+    """The global batch of DDP_BATCH images cut into ``world`` ranks' parts, each packed by the objective's
+    collate (as each rank's loader does)."""
+    model = _model(sigma=1.0, attn_guide=True)
+    tf, col = model.transform(), model.collate()
+    frames = [np.random.default_rng([7, i, 0]).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+              for i in range(DDP_BATCH)]
+    samples = [tf([f], np.random.default_rng([7, i, 1])) for i, f in enumerate(frames)]
+    n = DDP_BATCH // world
+    return [col(samples[r * n : (r + 1) * n]) for r in range(world)]
+
+
+def _droppos_step(rank: int, world: int, local_norm: bool = False) -> dict[str, torch.Tensor]:
+    """One forward/backward on this rank's part -> gradients and ``weight_sum``, this rank's sum of the
+    attentive weights of its dropped-position tokens (the loss's normaliser before the all-reduce)."""
+    from types import SimpleNamespace
+
+    import densekit.train.objectives.droppos as droppos
+
+    model = _model(sigma=1.0, attn_guide=True)
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model)
+    batch = _ddp_batches(world)[rank]
+    seen: list[torch.Tensor] = []
+    real = droppos.dist
+
+    def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return x if local_norm else real.all_reduce_sum(x)
+
+    # local_norm: the official code's normaliser, this rank's weights only (and DDP then averages the ranks)
+    droppos.dist = SimpleNamespace(all_reduce_sum=reduce_sum,
+                                   world_size=(lambda: 1) if local_norm else real.world_size)
+    try:
+        net(batch)["loss"].backward()
+    finally:
+        droppos.dist = real
+    out = {f"grad.{k}": p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return {**out, "weight_sum": seen[0].reshape(1)}
+
+
+def _ddp_ranks(rank: int, world: int, out: str) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    for name, local in (("global", False), ("local", True)):
+        res = _droppos_step(rank, world, local)
+        save_file(res, os.path.join(out, f"{name}{rank}.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_gradients_of_one(tmp_path: Path) -> None:
+    """DropPos has no gathers, but its loss is a weighted mean whose weight sum differs between images (attentive
+    weights renormalised over each image's visible tokens, counted on its dropped-position ones): normalised by the
+    all-reduced sum, 2 ranks give one process's gradients; normalised per rank (the official code), they do not."""
+    from _gloo import run_ranks
+    from safetensors.torch import load_file
+
+    run_ranks(_ddp_ranks, str(tmp_path))
+    one = _droppos_step(0, 1)
+    two, naive = (load_file(str(tmp_path / f"{n}0.safetensors")) for n in ("global", "local"))
+    # the two ranks' normalisers differ, so per-rank and global normalisation are different losses
+    sums = [float(load_file(str(tmp_path / f"global{r}.safetensors"))["weight_sum"]) for r in range(2)]
+    assert abs(sums[0] - sums[1]) > 0.05 * max(sums), sums
+    assert abs(sum(sums) - float(one["weight_sum"])) < 1e-5
+    grads = [k for k in one if k.startswith("grad.")]
+    assert "grad.mask_pos_token" in grads and any(k.startswith("grad.decoder.") for k in grads)
+    assert any(k.startswith("grad.backbone.") for k in grads)
+    bad = [k for k in grads if not torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6)]
+    assert not bad, bad[:3]
+    # negative control: per-rank normalisation does not give one process's gradients
+    assert any(not torch.allclose(one[k], naive[k], rtol=1e-4, atol=1e-6) for k in grads)
