@@ -15,10 +15,13 @@ is no official code; this is densekit's design after the paper's mechanisms (``.
 * **Model side** (torch): :func:`packed_embed` / :func:`packed_forward` on a timm ViT through
   :class:`~densekit.train.vit.ViTAdapter` (patch embedding as a linear map of the flattened patch, the ViT's own
   position embeddings resampled per image grid exactly as its grid forward does, blocks under
-  :func:`~densekit.train.vit.segment_attention_mask`: a token sees only its own image, padding only padding),
+  :func:`~densekit.serve.packing.segment_attention_mask`: a token sees only its own image, padding only padding),
   so a packed image equals the image run alone;
   :func:`segment_sum` / :func:`segment_mean` / :func:`segment_softmax` (per-image pooling) and :func:`unpack`
   (per-image token lists, padded).
+
+:func:`patchify`, :func:`first_fit`, :func:`packed_embed` and :func:`packed_blocks` are
+:mod:`densekit.serve.packing`'s (serving and export pack too), re-exported here.
 
 Measured here (ViT-Tiny/16, 12 blocks, 8 images of 20-196 patches = 762 tokens with CLS, 2 shared CPU threads,
 medians of 8 interleaved rounds on a loaded machine): packed vs alone max |diff| 5.6e-6; with L = 256 (4 sequences)
@@ -38,27 +41,14 @@ from typing import Sequence
 import numpy as np
 import torch
 from densekit.serve.errors import DensekitError
-from densekit.train.vit import ViTAdapter, segment_attention_mask
+
+# the layout and the packed ViT forward serve shares (inference and export pack too) live in serve
+from densekit.serve.packing import first_fit, pack_layout, packed_blocks, packed_embed, patchify
+from densekit.train.vit import ViTAdapter
 
 # ----------------------------------------------------------------------------------------------------
 # Transform side (numpy)
 # ----------------------------------------------------------------------------------------------------
-
-
-def patchify(image: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut a (C, H, W) float32 view (H, W multiples of ``patch``) into raster-ordered patches.
-
-    Returns:
-        patches (h*w, C*p*p) float32 flattened in (c, dy, dx) order, the order of a patch-embedding conv's
-        weight (D, C, p, p); coords (h*w, 2) int64 (row, col); grid (2,) int64 (h, w).
-    """
-    c, hh, ww = image.shape
-    if hh % patch or ww % patch or hh < patch or ww < patch:
-        raise DensekitError(f"a {ww}x{hh} view does not split into {patch}x{patch} patches")
-    h, w = hh // patch, ww // patch
-    x = image.reshape(c, h, patch, w, patch).transpose(1, 3, 0, 2, 4).reshape(h * w, c * patch * patch)
-    rows, cols = np.divmod(np.arange(h * w, dtype=np.int64), w)
-    return np.ascontiguousarray(x, np.float32), np.stack([rows, cols], 1), np.array([h, w], np.int64)
 
 
 def keep_count(n: int, rate: float, at_least: int = 1) -> int:
@@ -91,42 +81,6 @@ def native_grid(rng: np.random.Generator, aspect: float, max_side: int, min_side
 # ----------------------------------------------------------------------------------------------------
 
 
-def first_fit(lengths: Sequence[int], seq_len: int, num_seqs: int = 0) -> list[tuple[int, int]]:
-    """Greedy first-fit-decreasing packing: the (sequence, offset) of each item.
-
-    Items are placed longest first (ties: lower index first), each into the first sequence with room, so the
-    result is a pure function of ``lengths``. Within a sequence, items sit in placement order.
-
-    Args:
-        lengths: tokens per item (prefix slots included).
-        seq_len: L, the length of every sequence.
-        num_seqs: S, a fixed number of sequences (0: as many as needed).
-    Raises:
-        DensekitError: an item longer than ``seq_len``; more than ``num_seqs`` sequences needed.
-    """
-    if seq_len < 1:
-        raise DensekitError(f"the packed sequence length must be >= 1, got {seq_len}")
-    too_long = [i for i, n in enumerate(lengths) if n > seq_len]
-    if too_long:
-        i = too_long[0]
-        raise DensekitError(
-            f"image {i} has {lengths[i]} tokens, more than the packed sequence length {seq_len} "
-            f"({len(too_long)} such image(s)); raise the sequence length or lower the resolution"
-        )
-    fill: list[int] = []
-    where: list[tuple[int, int]] = [(0, 0)] * len(lengths)
-    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-        s = next((j for j, used in enumerate(fill) if used + lengths[i] <= seq_len), len(fill))
-        if s == len(fill):
-            fill.append(0)
-        where[i] = (s, fill[s])
-        fill[s] += lengths[i]
-    if num_seqs and len(fill) > num_seqs:
-        raise DensekitError(f"{len(lengths)} images ({sum(lengths)} tokens) need {len(fill)} packed sequences of "
-                            f"{seq_len}, more than the {num_seqs} allowed")
-    return where
-
-
 @dataclass(frozen=True)
 class Stream:
     """One packing of the samples: keys ``f"{key}patches"``, ``f"{key}coords"`` and ``tokens`` (other per-token
@@ -143,22 +97,16 @@ class Stream:
         k = self.key
         names = (f"{k}patches", f"{k}coords", *(f"{k}{t}" for t in self.tokens))
         counts = [len(s[f"{k}patches"]) for s in samples]
-        where = first_fit([n + self.prefix for n in counts], self.seq_len, self.num_seqs)
-        n_seq = max((s for s, _ in where), default=-1) + 1
+        where, layout = pack_layout(counts, self.seq_len, self.prefix, self.num_seqs)
+        n_seq = layout["seg"].shape[0]
         out = {name: np.zeros((n_seq, self.seq_len, *samples[0][name].shape[1:]), samples[0][name].dtype)
                for name in names}
-        seg = np.full((n_seq, self.seq_len), -1, np.int64)
-        tok = np.full((n_seq, self.seq_len), -1, np.int64)
-        is_prefix = np.zeros((n_seq, self.seq_len), bool)
         for i, ((s, o), n) in enumerate(zip(where, counts)):
-            seg[s, o : o + self.prefix + n] = i
-            is_prefix[s, o : o + self.prefix] = True
             a = o + self.prefix
-            tok[s, a : a + n] = np.arange(n)
             for name in names:
                 out[name][s, a : a + n] = samples[i][name]
-        out.update({f"{k}seg": seg, f"{k}tok": tok, f"{k}is_prefix": is_prefix,
-                    f"{k}length": np.asarray(counts, np.int64)})
+        out.update({f"{k}{name}": v for name, v in layout.items()})
+        out[f"{k}length"] = np.asarray(counts, np.int64)
         return out
 
 
@@ -256,49 +204,6 @@ def unpack(x: torch.Tensor, seg: torch.Tensor, tok: torch.Tensor, num_images: in
 
 
 # -- timm ViT ------------------------------------------------------------------------------------------
-
-
-def packed_embed(vit: ViTAdapter, patches: torch.Tensor, coords: torch.Tensor, seg: torch.Tensor,
-                 is_prefix: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token content and position embeddings of a packed batch, kept apart (DropPos swaps positions).
-
-    The patch embedding is its conv written as a linear map of the flattened patch; the position embeddings are
-    the ViT's own, resampled to each image's grid as its grid forward does (:meth:`ViTAdapter.pos_for`), so an
-    image packed with others gives the tokens it gives alone.
-
-    Args:
-        vit: the ViT's parts.
-        patches: (S, L, 3 p p) flattened patches; coords (S, L, 2) (row, col); seg, is_prefix (S, L);
-            grid (B, 2) each image's full patch grid (h, w), which picks its position embeddings.
-    Returns:
-        content (S, L, D): patch embeddings at patch slots, prefix tokens (with their position, if any) at
-        prefix slots, 0 at padding; pos (S, L, D): patch position embeddings at patch slots, 0 elsewhere.
-    """
-    proj = vit.model.patch_embed.proj
-    w = proj.weight.reshape(proj.weight.shape[0], -1)
-    content = vit.model.patch_embed.norm(torch.nn.functional.linear(patches, w, proj.bias))
-    is_patch = (seg >= 0) & ~is_prefix
-    content = content * is_patch.unsqueeze(-1).to(content.dtype)
-    pref = vit.prefix_tokens(1)
-    if pref is not None:
-        pref = pref[0].to(content.dtype)
-        # every image has the same P prefix slots in front of its tokens: the k-th is (prefix slots so far) mod P
-        k = (torch.cumsum(is_prefix.long(), dim=1) - 1).clamp_min(0) % pref.shape[0]
-        content = torch.where(is_prefix.unsqueeze(-1), pref[k], content)
-    pos = content.new_zeros(content.shape)
-    img = seg.clamp_min(0)
-    for h, w_ in torch.unique(grid, dim=0).tolist():
-        table = vit.pos_for(int(h), int(w_))
-        if table is None:  # pos_embed='none'
-            break
-        sel = is_patch & (grid[img, 0] == h) & (grid[img, 1] == w_)
-        pos[sel] = table[0].to(content.dtype)[coords[..., 0][sel] * w_ + coords[..., 1][sel]]
-    return content, pos
-
-
-def packed_blocks(vit: ViTAdapter, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """Pre-block ops, the blocks under the block-diagonal mask, final norm: (S, L, D) -> (S, L, D)."""
-    return vit.norm(vit.run_blocks(vit.pre_blocks(x), segment_attention_mask(seg)))
 
 
 def packed_forward(vit: ViTAdapter, batch: dict[str, torch.Tensor], key: str = "") -> torch.Tensor:

@@ -21,23 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from densekit.serve import packing as _packing
 from densekit.serve.backbones import DenseBackbone, TimmViTDense
 from densekit.serve.errors import DensekitError
 
-
-def segment_attention_mask(seg: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal attention mask for sequences holding several images.
-
-    Args:
-        seg: (B, S) integer segment id of every token (tokens of one image share an id; padding uses its own id,
-            e.g. -1, so padding attends only to padding and no row of the mask is empty).
-    Returns:
-        (B, 1, S, S) bool, True where token i may attend to token j (same segment): the form timm's ``Block``
-        and ``F.scaled_dot_product_attention`` take, broadcast over heads.
-    """
-    if seg.ndim != 2:
-        raise ValueError(f"seg must be (B, S), got shape {tuple(seg.shape)}")
-    return (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)
+# the ViT parts (position resampling, prefix tokens, masked blocks) live in serve, which packs at inference too
+segment_attention_mask = _packing.segment_attention_mask
 
 
 class ViTAdapter:
@@ -102,28 +91,17 @@ class ViTAdapter:
         return y.reshape(y.shape[0], h * w, y.shape[-1]), (h, w)
 
     def _prefix_pos_len(self) -> int:
-        return 0 if self.model.no_embed_class else self.num_prefix_tokens
+        return _packing.prefix_pos_len(self.model)
 
     def pos_for(self, h: int, w: int) -> torch.Tensor | None:
         """Patch position embeddings for an (h, w) grid: (1, h * w, D), resampled from the learned grid exactly as
         timm does for ``dynamic_img_size`` (bicubic, antialiased; unchanged at the native grid). None when the
         model has no position embedding (``pos_embed='none'``)."""
-        pos = self.model.pos_embed
-        if pos is None:
-            return None
-        from timm.layers import resample_abs_pos_embed
-
-        k = self._prefix_pos_len()
-        full = resample_abs_pos_embed(pos, new_size=(h, w), old_size=self.model.patch_embed.grid_size,
-                                      num_prefix_tokens=k)
-        return full[:, k:]
+        return _packing.pos_for(self.model, h, w)
 
     def prefix_pos(self) -> torch.Tensor | None:
         """(1, P, D) position embeddings of the prefix tokens, or None (``no_embed_class``, no prefix, no pos)."""
-        k = self._prefix_pos_len()
-        if self.model.pos_embed is None or k == 0:
-            return None
-        return self.model.pos_embed[:, :k]
+        return _packing.prefix_pos(self.model)
 
     def add_pos(self, patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """``patches`` (B, h * w, D) plus their position embeddings (a no-op without position embedding)."""
@@ -133,13 +111,7 @@ class ViTAdapter:
     def prefix_tokens(self, batch: int) -> torch.Tensor | None:
         """(B, P, D) class and register tokens with their position embeddings (if the model gives them one), or
         None when P = 0."""
-        parts = [t.expand(batch, -1, -1) for t in (self.model.cls_token, getattr(self.model, "reg_token", None))
-                 if t is not None]
-        if not parts:
-            return None
-        prefix = torch.cat(parts, dim=1)
-        pos = self.prefix_pos()
-        return prefix if pos is None else prefix + pos
+        return _packing.prefix_tokens(self.model, batch)
 
     def with_prefix(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, D) positioned patch tokens -> (B, P + N, D) with the prefix tokens in front."""
@@ -149,8 +121,7 @@ class ViTAdapter:
     def pre_blocks(self, seq: torch.Tensor) -> torch.Tensor:
         """What timm applies between the position embedding and the blocks: position dropout, patch dropout,
         pre-norm (identities for a plain ViT in eval mode)."""
-        m = self.model
-        return m.norm_pre(m.patch_drop(m.pos_drop(seq)))
+        return _packing.pre_blocks(self.model, seq)
 
     def run_blocks(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer blocks on a token sequence.
@@ -163,13 +134,7 @@ class ViTAdapter:
         Returns:
             (B, S, D), before the final norm.
         """
-        if attn_mask is None:
-            return self.model.blocks(x)
-        if attn_mask.ndim == 3:
-            attn_mask = attn_mask.unsqueeze(1)
-        for blk in self.model.blocks:
-            x = blk(x, attn_mask=attn_mask)
-        return x
+        return _packing.run_blocks(self.model, x, attn_mask)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm ``forward_features`` applies (an identity when timm moves it to ``fc_norm``, as with
