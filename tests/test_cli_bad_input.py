@@ -234,3 +234,53 @@ def test_plain_click_usage_errors_are_one_line_too(capsys) -> None:
 
     assert _unexpected(click.BadParameter("must be a number", param_hint="'--k'")) == 2
     assert capsys.readouterr().err == "error: Invalid value for '--k': must be a number\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# densekit train: settings an objective cannot train with are refused before the first step
+# --------------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+
+# (id, train arguments after --data/--out, words the line must hold)
+TRAIN_CASES = [
+    *[(f"{name}-on-a-cnn", ["--objective", name, "--backbone", "resnet18"], ["timm ViT", "resnet18"])
+      for name in ("cribo", "selfpatch", "droppos")],  # the ViT-only objectives (DetCon runs on both)
+    ("cribo-grid-too-small-for-the-clusters", ["--config", str(CONFIGS / "cribo_vit_tiny.yaml"), "hparams.n_tokens=200"],
+     ["8x8 patch grid", "n_tokens=200"]),
+    ("detcon-grid-too-small-for-the-masks", ["--config", str(CONFIGS / "detcon_vit_tiny.yaml"), "hparams.num_masks=100"],
+     ["num_masks=100", "8x8 feature grid"]),
+    # size 0 = the frame's size, known only in the transform: refused from the loader, still before a step
+    ("detcon-frame-too-small-for-the-masks", ["--config", str(CONFIGS / "detcon_resnet18.yaml"), "hparams.size=0",
+                                              "data.size=[24,32]"], ["num_masks=16", "3x4 feature grid"]),
+    ("droppos-image-longer-than-the-sequence", ["--config", str(CONFIGS / "droppos_vit_tiny.yaml"),
+                                                "hparams.seq_len=10"], ["hparams.seq_len=10", "packed sequence"]),
+    ("droppos-full-image-longer-than-the-sequence", ["--config", str(CONFIGS / "droppos_vit_tiny.yaml"),
+                                                     "hparams.native=true", "hparams.full_seq_len=30"],
+     ["hparams.full_seq_len=30", "packed sequence"]),
+    ("cribo-bank-larger-than-the-data", ["--config", str(CONFIGS / "cribo_vit_tiny.yaml"), "hparams.queue_size=64"],
+     ["queue_size=64", "12 training images"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from densekit.serve.sample import make_sample
+
+    # 2 videos x 6 frames = 12 training images
+    return make_sample(tmp_path_factory.mktemp("videos") / "s", sequences=2, frames=6, height=64, width=80, seed=0)
+
+
+@pytest.mark.parametrize(("args", "words"), [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_settings_an_objective_cannot_use_are_one_error_line(
+        args: list[str], words: list[str], tiny_videos: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_videos), "--out", str(out), *args, "max_steps=2", "batch_size=2",
+            "data.num_workers=1", "tensorboard=false"]
+    text = _check_one_error_line(argv, capsys)
+    (line,) = [x for x in text.splitlines() if x.startswith("error: ")]
+    assert all(w in line for w in words), line
+    # before any training step: no state saved, no step logged
+    assert not (out / "state.safetensors").exists()
+    log = out / "log.jsonl"
+    assert not log.exists() or '"step"' not in log.read_text(), log.read_text()

@@ -274,9 +274,10 @@ class DropPos(Objective):
         self.full_seq_len = int(full_seq_len) or 4 * (prefix + self.side**2)
         if self.seq_len < prefix + vis or (attn_guide and self.full_seq_len < prefix + self.side**2):
             raise DensekitError(
-                f"an image of {self.side}x{self.side} patches has {prefix + vis} visible and "
+                f"droppos: an image of {self.side}x{self.side} patches has {prefix + vis} visible and "
                 f"{prefix + self.side**2} full tokens, more than the packed sequence lengths "
-                f"seq_len={self.seq_len} / full_seq_len={self.full_seq_len}")
+                f"hparams.seq_len={self.seq_len} / hparams.full_seq_len={self.full_seq_len}; raise them (0 packs 4 "
+                f"images) or lower hparams.size")
         if sincos:
             set_sincos_positions(self.vit)
         self.mask_pos_token = nn.Parameter(torch.zeros(self.vit.dim))
