@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKENDS", "Backend", "FeatureExtractor", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend",
     "backend_for", "check_frame", "import_tensorrt", "l2_normalise", "open_backend", "ort_providers",
-    "preprocess", "require_cuda_for_tensorrt", "resolve_torch_device", "target_size",
+    "preprocess", "preprocess_each", "require_cuda_for_tensorrt", "resolve_torch_device", "target_size",
 ]
 
 EPS = 1e-12
@@ -69,6 +69,16 @@ def preprocess(frames: Sequence[np.ndarray], meta: ModelMeta, size: tuple[int, i
     Each frame is resized to :func:`target_size` (cv2 INTER_AREA when shrinking, which averages instead
     of aliasing; INTER_LINEAR otherwise). All frames must end up the same size.
     """
+    out = preprocess_each(frames, meta, size)
+    shapes = {x.shape for x in out}
+    if len(shapes) > 1:
+        raise DensekitError(f"frames resize to different sizes {sorted(s[1:] for s in shapes)}; pass size=(H, W)")
+    return np.ascontiguousarray(np.stack(out))
+
+
+def preprocess_each(frames: Sequence[np.ndarray], meta: ModelMeta, size: tuple[int, int] | None = None
+                    ) -> list[np.ndarray]:
+    """As :func:`preprocess`, one (3, h_i, w_i) float32 array per frame, sizes free (what packing takes)."""
     mean = np.asarray(meta.mean, dtype=np.float32)
     scale = 1.0 / (255.0 * np.asarray(meta.std, dtype=np.float32))
     out: list[np.ndarray] = []
@@ -81,10 +91,7 @@ def preprocess(frames: Sequence[np.ndarray], meta: ModelMeta, size: tuple[int, i
         out.append(((frame.astype(np.float32) - 255.0 * mean) * scale).transpose(2, 0, 1))
     if not out:
         raise DensekitError("no frames given")
-    shapes = {x.shape for x in out}
-    if len(shapes) > 1:
-        raise DensekitError(f"frames resize to different sizes {sorted(s[1:] for s in shapes)}; pass size=(H, W)")
-    return np.ascontiguousarray(np.stack(out))
+    return out
 
 
 def check_frame(frame: Any) -> None:
@@ -127,6 +134,7 @@ class FeatureExtractor:
     ``extractor(frame, size=None)``: (H, W, 3) uint8 RGB -> (D, h, w) float32 with h = H'/s, w = W'/s,
     where (H', W') is ``size`` or the frame size, rounded down to ``meta.input_multiple``. A model with a
     static input size (``export onnx --static``) gets every frame resized to that size.
+    ``extractor.batch(frames, pack=True)``: frames of different sizes in one packed forward (timm ViTs, torch).
     """
 
     def __init__(
@@ -156,14 +164,53 @@ class FeatureExtractor:
     def __call__(self, frame: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         return self.batch([frame], size=size)[0]
 
-    def batch(self, frames: Iterable[np.ndarray] | np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-        """(B, H, W, 3) uint8 frames (a list or a 4-D array) -> (B, D, h, w) float32, unit norm over D."""
+    def batch(self, frames: Iterable[np.ndarray] | np.ndarray, size: tuple[int, int] | None = None, *,
+              pack: bool = False, seq_len: int | None = None) -> np.ndarray | list[np.ndarray]:
+        """(B, H, W, 3) uint8 frames (a list or a 4-D array) -> (B, D, h, w) float32, unit norm over D.
+
+        ``pack=True``: frames of any sizes (each resized only to its multiple, or to ``size``) run in one packed
+        forward (NaViT-style, :mod:`densekit.serve.packing`) and a list of (D, h_i, w_i) maps comes back, each
+        equal to that frame run alone; ``seq_len`` splits the packing into sequences of that many tokens (None:
+        one sequence). Packing needs a timm ViT on the torch backend.
+        """
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frames = list(frames)
         if self.fixed_hw is not None:
             if size is not None and tuple(size) != tuple(self.fixed_hw):
                 raise DensekitError(f"this model has a static input size {self.fixed_hw}; size={tuple(size)} is not it")
             size = self.fixed_hw
-        batch = preprocess(list(frames), self.meta, size)
-        feats = self.backend.run(batch)
+        if pack:
+            return self._packed(list(frames), size, seq_len)
+        each = preprocess_each(list(frames), self.meta, size)
+        if len({x.shape for x in each}) > 1:
+            why = self._pack_refusal()
+            hint = "pass pack=True (one packed forward) or size=(H, W)" if why is None else f"pass size=(H, W) ({why})"
+            raise DensekitError(f"frames resize to different sizes {sorted({x.shape[1:] for x in each})}; {hint}")
+        feats = self.backend.run(np.ascontiguousarray(np.stack(each)))
         return l2_normalise(feats, axis=1)
+
+    def _pack_refusal(self) -> str | None:
+        """Why this extractor cannot pack (None: it can): packing needs a timm ViT on the torch backend."""
+        if self.backend_name != "torch":
+            return f"packing needs the torch backend, not {self.backend_name}"
+        from densekit.serve.backbones import TimmViTDense
+
+        if not isinstance(getattr(self.backend.model, "body", None), TimmViTDense):
+            return f"packing needs a timm ViT backbone and {self.meta.name} is not one (CNNs and pixels cannot pack)"
+        return None
+
+    def _packed(self, frames: list[np.ndarray], size: tuple[int, int] | None, seq_len: int | None
+                ) -> list[np.ndarray]:
+        from densekit.serve.packing import packed_features
+
+        why = self._pack_refusal()
+        if why is not None:
+            raise DensekitError(f"cannot pack these frames: {why}; resize them to one size with size=(H, W)")
+        model = self.backend.model
+        was_training = model.training
+        model.eval()
+        try:
+            feats = packed_features(model, preprocess_each(frames, self.meta, size), seq_len, self.backend.device)
+        finally:
+            model.train(was_training)
+        return [l2_normalise(f, axis=0) for f in feats]
