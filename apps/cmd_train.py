@@ -22,6 +22,34 @@ HELP = (
 )
 
 
+#: the upper bound on the schedule of a ``--minutes`` run that sets no max_steps itself
+BUDGET_MAX_STEPS = 1_000_000
+
+
+def _budget_overrides(minutes: Optional[float], clock: Optional[str], config: Optional[Path],
+                      overrides: list[str]) -> list[str]:
+    """``--minutes`` / ``--clock`` as config overrides; with ``--minutes`` and no max_steps from the config file
+    or an override, the budget alone sets the schedule length."""
+    import math
+
+    out = []
+    if clock is not None:
+        if clock not in ("cpu", "wall"):
+            raise DensekitError(f"--clock must be cpu or wall, got {clock!r}")
+        out.append(f"clock={clock}")
+    if minutes is None:
+        return out
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise DensekitError(f"--minutes must be a positive number, got {minutes:g}")
+    out.append(f"budget_s={minutes * 60.0}")
+    from densekit.train.config import load_yaml
+
+    in_file = config is not None and config.is_file() and "max_steps" in (load_yaml(config) or {})
+    if not in_file and not any(o.split("=", 1)[0].strip() == "max_steps" for o in overrides):
+        out.append(f"max_steps={BUDGET_MAX_STEPS}")
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``train`` command to ``app``."""
 
@@ -34,6 +62,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (created).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file (same keys as RUN_DIR/config.yaml).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last state checkpoint.")] = False,
+        minutes: Annotated[Optional[float], typer.Option("--minutes", help="Time budget: the trainer sizes its schedule to end with it and stops when it is spent (max_steps is then only an upper bound). Counted on --clock; building the model counts.", show_default=False)] = None,
+        clock: Annotated[Optional[str], typer.Option("--clock", help="What --minutes (budget_s) counts: cpu (default; CPU time of the training process and its data workers, steady on a shared machine) or wall.", show_default=False)] = None,
     ) -> None:
         import logging
 
@@ -51,7 +81,8 @@ def register(app: typer.Typer) -> None:
             raise DensekitError("no objective: pass --objective NAME (or a --config that names one)")
         elif data is None:
             raise DensekitError("no training data: pass --data PATH")
-        cfg = build_config(config, list(overrides or []), base=base, objective=objective, backbone=backbone,
+        overrides = list(overrides or []) + _budget_overrides(minutes, clock, config, overrides or [])
+        cfg = build_config(config, overrides, base=base, objective=objective, backbone=backbone,
                            out=str(out), data_path=str(data) if data is not None else None)
         if not cfg.objective:
             raise DensekitError(f"no objective: {config} names none; pass --objective NAME")

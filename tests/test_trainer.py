@@ -263,7 +263,7 @@ def test_budget_calibration_leaves_no_trace_and_resume_is_exact(sample: Path, tm
     full = Trainer(_cfg(sample, tmp_path / "full", *budget), **kw).fit()
     assert full.max_steps == 6 == full.step and not full.stopped_by_budget and full.seconds_per_step > 0
     (calib,) = _records(tmp_path / "full", "budget")
-    assert calib["calibration_steps"] == 4 and calib["max_steps"] == 6 and calib["clock"] == "wall"
+    assert calib["calibration_steps"] == 4 and calib["max_steps"] == 6 and calib["clock"] == "cpu"  # the default
     _assert_identical(_weights(tmp_path / "plain"), _weights(tmp_path / "full"))
     assert plain.metrics["loss"] == full.metrics["loss"]
 
@@ -357,7 +357,7 @@ def test_outputs_backbone_config_and_logs(sample: Path, tmp_path: Path) -> None:
     lines = [x for x in records if "step" in x]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(np.isfinite(x["loss"]) for x in lines) and res.images_per_s > 0
-    assert records[-1]["end"]["clock"] == "wall" and records[-1]["end"]["step"] == 3 == res.max_steps
+    assert records[-1]["end"]["clock"] == "cpu" and records[-1]["end"]["step"] == 3 == res.max_steps
     assert not res.stopped_by_budget and 0 < res.seconds
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
 
@@ -528,6 +528,35 @@ def test_cli_train_end_to_end(sample: Path, tmp_path: Path, capsys: pytest.Captu
                  "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_minutes_is_a_cpu_budget_that_sets_the_schedule(sample: Path, tmp_path: Path, capsys) -> None:
+    """``--minutes`` counts CPU time unless ``--clock wall``; without a max_steps the budget alone sizes the
+    schedule; the closing line says which clock ran, how long, and the wall time; bad values are one line."""
+    from densekit.apps.cli import main
+
+    objective = f"{TinyDense.__module__}:TinyDense"
+    common = ["--objective", objective, "--backbone", "resnet18", "--data", str(sample), "batch_size=2",
+              "data.size=[32,32]", "data.num_workers=0", "progress=false", "tensorboard=false", "save_every=0"]
+    run = tmp_path / "cpu"
+    assert main(["train", "--out", str(run), "--minutes", "0.05", *common]) == 0
+    cfg = build_config(run / "config.yaml")
+    assert (cfg.budget_s, cfg.clock, cfg.max_steps) == (3.0, "cpu", 1_000_000)
+    (end,) = _records(run, "end")
+    # the schedule is sized to end with the budget: either may stop the run, close to 3 s
+    assert end["clock"] == "cpu" and end["max_steps"] < 1_000_000 and 2.5 <= end["seconds"] <= 6.0, end
+    text = capsys.readouterr().out
+    assert "s of cpu clock of a 3 s budget" in text and "s wall" in text, text
+    run = tmp_path / "wall"
+    assert main(["train", "--out", str(run), "--minutes", "0.05", "--clock", "wall", "max_steps=40", *common]) == 0
+    cfg = build_config(run / "config.yaml")
+    assert (cfg.budget_s, cfg.clock, cfg.max_steps) == (3.0, "wall", 40)  # an explicit max_steps stays the cap
+    for bad, words in ((["--minutes", "-1"], "--minutes must be a positive number"),
+                       (["--minutes", "1", "--clock", "gpu"], "--clock must be cpu or wall")):
+        capsys.readouterr()
+        assert main(["train", "--out", str(tmp_path / "bad"), *bad, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ class TrainConfig:
     # A time budget (0: none): the trainer times a few steps, sizes the schedule so that it ends with the budget
     # (at most max_steps), stops once the budget is spent and exports (see densekit.train.budget).
     budget_s: float = 0.0
-    clock: Literal["wall", "cpu"] = "wall"  # what budget_s counts: wall time, or CPU time of this process tree
+    # what budget_s counts: CPU time of this process tree (steady when other work shares the machine), or wall
+    clock: Literal["wall", "cpu"] = "cpu"
     progress: bool = True
     tensorboard: bool = True
     hparams: dict[str, Any] = field(default_factory=dict)  # objective keyword arguments
