@@ -687,3 +687,74 @@ def test_before_optimizer_step_sees_unscaled_gradients_under_a_grad_scaler(sampl
     trainer._train_step(run, batch)
     reference(batch)["loss"].backward()
     torch.testing.assert_close(RecordsGrads.grads[0], reference.head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning a pretrained start (finetune.freeze_until, finetune.backbone_lr_mult; issue 13)
+# --------------------------------------------------------------------------------------------------
+
+
+def _state_meta(run: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(run / "state.safetensors"), "pt") as fh:
+        return json.loads(fh.metadata()["densekit_train_state"])
+
+
+def test_frozen_stages_keep_their_weights_and_statistics_and_the_backbone_trains_slower(
+        sample: Path, tmp_path: Path) -> None:
+    from densekit.serve.backbones import build_backbone
+    from densekit.train.finetune import trainable_prefixes
+    from densekit.train.trainer import Trainer
+
+    start = build_backbone("resnet18", seed=0)
+    keep = trainable_prefixes(start, "layer2")
+    assert keep == ["body.layer3"] or keep[0] == "body.layer3", keep
+    run = tmp_path / "run"
+    Trainer(_cfg(sample, run, "finetune.freeze_until=layer2", "finetune.backbone_lr_mult=0.1"),
+            objective_cls=TinyDense).fit()
+    after = _weights(run)
+    frozen = changed = 0
+    for k, v in start.state_dict().items():  # parameters and BatchNorm running statistics
+        now = after[f"model.backbone.{k}"]
+        if any(k.startswith(p + ".") for p in keep):
+            changed += int(not torch.equal(now, v))
+        else:
+            assert torch.equal(now, v), f"{k} of a frozen stage moved"
+            frozen += 1
+    assert frozen > 20 and changed > 0, (frozen, changed)
+    groups = _state_meta(run)["optimizer"]["param_groups"]
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == [0.1, 1.0]
+    head = [g["lr"] for g in groups if g["lr_scale"] == 1.0]
+    body = [g["lr"] for g in groups if g["lr_scale"] == 0.1]
+    assert head[0] > 0 and all(b == pytest.approx(0.1 * head[0]) for b in body)  # the last step's rates
+
+
+def test_plain_runs_keep_two_optimizer_groups(sample: Path, tmp_path: Path) -> None:
+    """Without the settings the optimiser is what it was (so that earlier runs resume)."""
+    from densekit.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(_cfg(sample, run, "max_steps=1"), objective_cls=TinyDense).fit()
+    groups = _state_meta(run)["optimizer"]["param_groups"]
+    assert len(groups) == 2 and not any("lr_scale" in g for g in groups)
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("finetune.freeze_until=layer9", "no such stage (its stages: layer1"),
+    ("finetune.freeze_until=layer3", "freezes every stage of the backbone"),
+    ("finetune.backbone_lr_mult=0", "backbone_lr_mult must be a positive number"),
+])
+def test_finetune_settings_that_cannot_train_are_one_line(sample: Path, tmp_path: Path, capsys, setting: str,
+                                                           words: str) -> None:
+    from densekit.apps.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--objective", f"{TinyDense.__module__}:TinyDense", "--backbone", "resnet18", "--data",
+            str(sample), "--out", str(out), "batch_size=2", "data.size=[32,32]", "data.num_workers=0",
+            "progress=false", "tensorboard=false", "max_steps=2", setting]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert not (out / "state.safetensors").exists()

@@ -72,6 +72,14 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained start (see :mod:`densekit.train.finetune`)."""
+
+    freeze_until: str | None = None  # a backbone stage: it, the stages before it and the stem are frozen
+    backbone_lr_mult: float = 1.0  # the backbone's learning rate is this times the schedule's (heads: 1x)
+
+
+@dataclass
 class DDPConfig:
     """DistributedDataParallel knobs (used only under torchrun with WORLD_SIZE > 1)."""
 
@@ -111,6 +119,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
 
 

@@ -186,9 +186,12 @@ class Objective(nn.Module):
         return [m for m in self.modules() if m is not self and getattr(m, TEACHER_FLAG, False)]
 
     def train(self: "O", mode: bool = True) -> "O":
-        """``nn.Module.train``, except that :meth:`teacher_modules` stay in eval mode (the trainer calls
-        ``model.train()`` on the whole objective; a teacher must not drop paths or update BatchNorm statistics)."""
+        """``nn.Module.train``, except that :meth:`teacher_modules` and the stages ``finetune.freeze_until`` froze
+        stay in eval mode (the trainer calls ``model.train()`` on the whole objective; a teacher or a frozen stage
+        must not drop paths or update BatchNorm statistics)."""
+        from densekit.train.finetune import frozen_modules
+
         super().train(mode)
-        for m in self.teacher_modules():
+        for m in self.teacher_modules() + frozen_modules(self):
             m.eval()
         return self

@@ -439,19 +439,33 @@ class Trainer:
             ) from exc
         if model.data not in ("pairs", "images"):
             raise DensekitError(f"objective {name} declares data={model.data!r}; expected 'pairs' or 'images'")
+        if cfg.finetune.freeze_until:
+            from densekit.train.finetune import freeze_until
+
+            freeze_until(model.student_backbone(), cfg.finetune.freeze_until)
         return model
 
     def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        decay, no_decay = [], []
+        from densekit.train.finetune import backbone_parameter_ids, check_lr_mult
+
+        o, mult = self.cfg.optim, self.cfg.finetune.backbone_lr_mult
+        check_lr_mult(mult)
+        in_backbone = backbone_parameter_ids(model) if mult != 1.0 else set()
+        # (decay?, backbone?) -> parameters; the backbone gets its own groups only when its rate differs
+        split: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for _, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             # No weight decay on biases and norm scales (1-d), the common practice of MoCo v3/DINO/timm.
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        self._decay_groups = [0] if decay else []  # by position: loading an optimiser state replaces the dicts
+            split.setdefault((p.ndim > 1, id(p) in in_backbone), []).append(p)
+        keys = [k for k in ((True, False), (False, False), (True, True), (False, True)) if k in split]
+        groups = [{"params": split[k], "weight_decay": o.weight_decay if k[0] else 0.0, "lr_scale": mult if k[1] else 1.0}
+                  for k in keys]
+        if mult == 1.0:
+            for g in groups:  # the groups of runs from before the setting existed, so that they resume
+                del g["lr_scale"]
+        # by position: loading an optimiser state replaces the dicts
+        self._decay_groups = [i for i, k in enumerate(keys) if k[0]]
         if not groups:
             raise DensekitError("the objective has no trainable parameters")
         if o.name == "sgd":
@@ -632,7 +646,7 @@ class Trainer:
         batch = {k: (v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         lr = lr_at(self.step, cfg, self.max_steps)
         for g in run.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # finetune.backbone_lr_mult
         if cfg.optim.weight_decay_end is not None:
             wd = weight_decay_at(self.step, cfg, self.max_steps)
             for i in run.decay_groups:
