@@ -170,8 +170,9 @@ class FeatureExtractor:
 
         ``pack=True``: frames of any sizes (each resized only to its multiple, or to ``size``) run in one packed
         forward (NaViT-style, :mod:`densekit.serve.packing`) and a list of (D, h_i, w_i) maps comes back, each
-        equal to that frame run alone; ``seq_len`` splits the packing into sequences of that many tokens (None:
-        one sequence). Packing needs a timm ViT on the torch backend.
+        equal to that frame run alone; ``seq_len`` is the length of the packed sequences in tokens (None: the
+        longest frame's; first-fit puts the smaller frames together). Packing needs a timm ViT on the torch
+        backend.
         """
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frames = list(frames)
