@@ -44,11 +44,24 @@ def export_onnx_command(
     calib: Annotated[
         Optional[Path], typer.Option("--calib", help="Folder of calibration images for --int8 (a few dozen suffice).")
     ] = None,
+    packed: Annotated[
+        bool,
+        typer.Option("--packed", help="timm ViTs: a packed graph (several images of their own size per sequence; "
+                     "inputs patches, coords, seg, is_prefix, grid; see densekit.export.packed)."),
+    ] = False,
+    max_side: Annotated[
+        int, typer.Option("--max-side", min=1, help="--packed: the largest image side, in patches, the graph takes.")
+    ] = 64,
 ) -> None:
     """Export to ONNX with the model contract in metadata_props; check it against PyTorch on real photos."""
     from densekit.export.onnx import export_onnx, parse_hw
     from densekit.serve.errors import DensekitError
 
+    if packed:
+        others = {"--static": static is not None, "--half": half, "--simplify": simplify,
+                  "--int8/--calib": int8 or calib is not None, "--exporter": exporter != "auto"}
+        _export_packed(model, out, opset, max_side, not no_verify, others)
+        return
     if int8 and calib is None:
         raise DensekitError("--int8 needs --calib DIR (a folder of representative images)")
     if calib is not None and not int8:
@@ -74,6 +87,18 @@ def export_onnx_command(
         extras.append("int8 for the CPU")
     shape = "static " + "x".join(map(str, report.static)) if report.static else "dynamic batch/height/width"
     typer.echo(f"wrote {out} ({', '.join(extras)}, {shape}) in {report.seconds:.1f}s")
+
+
+def _export_packed(model: str, out: Path, opset: int, max_side: int, verify: bool, others: dict[str, bool]) -> None:
+    from densekit.export.packed import export_packed_onnx
+    from densekit.serve.errors import DensekitError
+
+    given = [name for name, on in others.items() if on]
+    if given:
+        raise DensekitError(f"--packed does not combine with {', '.join(given)}")
+    report = export_packed_onnx(model, out, opset=opset, max_side=max_side, verify=verify, log=typer.echo)
+    typer.echo(f"wrote {out} (packed, opset {report.opset}, image sides up to {report.max_side} patches, "
+               f"TensorRT op check passed) in {report.seconds:.1f}s")
 
 
 @export_app.command("trt")
