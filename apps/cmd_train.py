@@ -91,7 +91,10 @@ def register(app: typer.Typer) -> None:
 
         evaluator = None
         if cfg.eval.davis:
+            from densekit.retrieval.backbone_eval import check_eval_config
             from densekit.retrieval.backbone_eval import davis_jf_for_config as evaluator
+
+            check_eval_config(cfg.eval)  # an unlabelled root fails now, not after the training it would score
         trainer = Trainer(cfg, resume=resume, objective_cls=get_objective_class(cfg.objective), evaluator=evaluator)
         result = trainer.fit()
         import os

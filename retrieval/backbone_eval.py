@@ -71,3 +71,26 @@ def davis_jf_for_config(backbone: nn.Module, ev: Any, device: str) -> dict[str, 
         short_side=ev.short_side,
         device=device,
     )
+
+
+def check_eval_config(ev: Any) -> list[str]:
+    """What :func:`davis_jf_for_config` will score, checked before training starts: the root, the split, the
+    sequences and each one's first-frame annotation (the mask propagation starts from). Returns the sequences.
+
+    Raises:
+        DensekitError: in one line naming ``eval.davis`` and what is wrong.
+    """
+    from densekit.retrieval.davis_protocol import select_sequences
+    from densekit.serve.davis import DavisRoot
+    from densekit.serve.errors import DensekitError
+
+    try:
+        names = select_sequences(ev.davis, ev.split, ev.sequences)
+        if ev.max_sequences:
+            names = names[: ev.max_sequences]
+        root = DavisRoot(ev.davis)
+        for seq in names:
+            root.first_mask(seq)
+    except DensekitError as exc:
+        raise DensekitError(f"eval.davis={ev.davis}: {exc} (the eval hook needs labelled sequences)") from None
+    return names

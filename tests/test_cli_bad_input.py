@@ -260,6 +260,13 @@ TRAIN_CASES = [
      ["hparams.full_seq_len=30", "packed sequence"]),
     ("cribo-bank-larger-than-the-data", ["--config", str(CONFIGS / "cribo_vit_tiny.yaml"), "hparams.queue_size=64"],
      ["queue_size=64", "12 training images"]),
+    # a pretrained start that does not fit the objective (issue 13)
+    ("hiergroup-on-a-vit", ["--objective", "hiergroup", "--backbone", "timm:vit_tiny_patch16_224",
+                            "backbone_kwargs.depth=1", "backbone_kwargs.img_size=64"], ["multi-stage CNN", "1 stage"]),
+    ("poodle-decoder-on-lite0", ["--objective", "poodle", "--backbone", "efficientnet_lite0"],
+     ["decoder=True", "efficientnet_lite0"]),
+    ("freeze-leaves-nothing-to-train", ["--objective", "densecl", "--backbone", "efficientnet_lite0",
+                                        "finetune.freeze_until=blocks.3"], ["freezes every stage"]),
 ]
 
 
@@ -284,3 +291,18 @@ def test_train_settings_an_objective_cannot_use_are_one_error_line(
     assert not (out / "state.safetensors").exists()
     log = out / "log.jsonl"
     assert not log.exists() or '"step"' not in log.read_text(), log.read_text()
+
+
+def test_train_eval_hook_on_a_root_without_masks_is_one_line_before_training(tiny_videos: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    import shutil
+
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(tiny_videos / "JPEGImages", unlabelled / "JPEGImages")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_videos), "--out", str(out), "--objective", "densecl", "--backbone",
+            "resnet18", "max_steps=2", "batch_size=2", "data.size=[64,64]", "data.num_workers=0",
+            "tensorboard=false", f"eval.davis={unlabelled}"]
+    text = _check_one_error_line(argv, capsys)
+    assert f"eval.davis={unlabelled}" in text and "no annotation for its first frame" in text, text
+    assert not out.exists() or not (out / "state.safetensors").exists()
