@@ -20,7 +20,7 @@ export (:mod:`densekit.export.packed`) need it as much as training does; :mod:`d
 
 A packed image gives the tokens it gives alone (the conv written as a matmul, so up to float rounding).
 
-Measured (issue 12 item 3; lscpu "AMD EPYC", 1 torch thread on a shared 2-core machine at load average ~7,
+Measured with benchmarks/packing.py (issue 12 item 3; lscpu "AMD EPYC", 1 torch thread on a shared 2-core machine at load average ~7,
 medians of 7 interleaved rounds; ViT-Tiny/16, 12 blocks, random init; ``FeatureExtractor`` end to end, one frame
 at a time vs ``batch(frames, pack=True)``): 6 small frames (64x96 to 112x112, 17-50 tokens, 184 in all) 231 ms vs
 93 ms, 2.5x faster (one 184-token sequence: 2.3x); 6 frames of 96x320 to 224x224 (65-197 tokens, 858 in all)
