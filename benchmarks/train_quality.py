@@ -1,27 +1,41 @@
-"""Learning evidence: train every objective for the same wall-clock budget, then J&F by label propagation.
+"""Learning evidence for the eight objectives: train on real unlabelled video, score on held-out DAVIS val.
 
-For each objective in ``densekit.train.objectives.OBJECTIVES`` (or ``--objectives``):
+Protocol (issues 12 and 13; every learning claim in densekit is measured this way):
 
-1. make the sample dataset (``densekit.serve.sample.make_sample``; its ``train`` split trains, its ``val``
-   split is held out for evaluation);
-2. train with :class:`densekit.train.trainer.Trainer` for ``--minutes`` through the trainer's own time budget
-   (``budget_s``, ``clock``: it times a few steps, sizes the cosine schedule to end with the budget and stops
-   when the budget is spent; model building and the calibration steps count). ``--clock wall`` (default)
-   counts wall time; ``--clock cpu`` counts the CPU time of the training process and its DataLoader workers,
-   which stays fair when other work shares the machine (use it with ``--threads 1``, so that no thread spins);
-   heads and sizes are the per-objective ``CPU_HPARAMS`` below unless ``--paper-hparams``; ``--backbone``,
-   default resnet18; PooDLe builds it with the spatial decoder, as its class asks;
-3. J&F (``--preset``, default crw) of the exported backbone on the held-out sample sequences and on
-   ``../shared/data/davis2016-mini`` when present (frames resized to ``--davis-short-side`` for CPU time).
+1. **Train** each objective for ``--minutes`` (default 10) of **CPU time** of the training process (``clock
+   cpu``: steady on a shared machine; the trainer sizes its cosine schedule to the budget and re-sizes it from
+   its own rate at 10 % and 50 %) on ``../shared/data/davis2016-train-videos`` (27 unlabelled mp4 clips of the
+   DAVIS-2016 train split, 1,976 frames).
 
-Baselines under the same protocol: random-init ``--backbone`` (with and without the decoder when an objective
-uses it) and ``pixels``. An objective "beats random init" when its J&F is higher than random init of the SAME
-architecture on both sets. Throughput is training samples per second (a pair counts as one sample) measured
-over the timed run.
+   * ViT family (cribo, detcon, selfpatch, droppos): the CPU config shipped in ``train/configs/
+     <objective>_vit_tiny.yaml``, the same 4-block ViT-Tiny/16 at 128 px for all four.
+   * CNN family (poodle, hiergroup, densecl, vicregl): resnet18 from scratch, the CPU config
+     ``train/configs/<objective>_resnet18.yaml`` (PooDLe builds it with its decoder, as its class asks).
 
-Run (full, ~10 min per objective): python benchmarks/train_quality.py
-On a shared machine:               python benchmarks/train_quality.py --clock cpu --threads 1 --workers 0
-Quick check:                    python benchmarks/train_quality.py --minutes 0.3 --sequences 2
+   The configs are what the README's training table runs; ``--set KEY=VALUE`` changes every run.
+
+2. **Score** the exported backbone by J&F of label propagation (``--preset``, default dino, frames at short side
+   ``--short-side`` 240) on ``../shared/data/davis2016-val12`` (12 labelled val sequences, 779 frames;
+   ``--sequences`` for a subset), beside **random init of the same architecture** and **raw pixels**. For CrIBo
+   and DetCon (object-level methods) and their random init also segment-retrieval and Hummingbird mIoU
+   (``densekit eval retrieval``) on the embedded sample (``densekit data sample``: the labelled semantic set
+   every user has; ``voc-mini`` has 3 images).
+
+3. **Throughput**: training images per CPU-second over the timed steps (the first step, with its start-up,
+   left out; a frame pair counts as two images).
+
+An objective "beats random init" when its J&F is above random init of its own architecture.
+
+Each row is a JSON file in ``--out``/rows/, written when it is done and not recomputed when it exists
+(``--force`` redoes it): a killed run goes on where it stopped, and two processes with disjoint
+``--objectives`` can share one ``--out`` (one core each, ``--threads 1``). ``--report`` prints the table of
+what is there.
+
+Run (about 2 h on 2 cores): python benchmarks/train_quality.py --out runs/quality
+In two halves at once:      python benchmarks/train_quality.py --out Q --objectives cribo detcon selfpatch droppos &
+                            python benchmarks/train_quality.py --out Q --objectives poodle hiergroup densecl vicregl
+Table of what is done:      python benchmarks/train_quality.py --out Q --report
+Quick check:                python benchmarks/train_quality.py --out Q --minutes 0.3 --sequences dog,libby
 """
 
 from __future__ import annotations
@@ -29,173 +43,251 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DENSEKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
-MAX_STEPS = 10**7  # the trainer's budget sets the schedule length; this only bounds it
-
+CONFIGS = REPO / "train" / "configs"
+VIT = ("cribo", "detcon", "selfpatch", "droppos")
+CNN = ("poodle", "hiergroup", "densecl", "vicregl")
+RETRIEVAL = ("cribo", "detcon")  # object-level methods: their claim is about segments
+MAX_STEPS = 10**7  # the budget sets the schedule length; this only bounds it
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget per objective, in minutes of --clock")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="budget in wall-clock time, or in CPU time of the training process and its workers (fair on a "
-                        "shared machine)")
-    p.add_argument("--paper-hparams", action="store_true", help="the papers' head sizes instead of CPU_HPARAMS")
-    p.add_argument("--objectives", nargs="*", default=None, help="default: all of OBJECTIVES")
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--sequences", type=int, default=8, help="sample videos (train + held-out val split)")
-    p.add_argument("--frames", type=int, default=24)
-    p.add_argument("--height", type=int, default=240)
-    p.add_argument("--width", type=int, default=432)
-    p.add_argument("--size", type=int, default=128, help="training crop side")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="override optim.lr (default: the trainer's)")
+    p.add_argument("--out", type=Path, required=True, help="rows/, runs and results.json go here")
+    p.add_argument("--objectives", nargs="*", default=None, help=f"default: all eight ({' '.join(VIT + CNN)})")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget per objective, in CPU minutes")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--data", type=Path, default=SHARED / "davis2016-train-videos", help="training videos")
+    p.add_argument("--val", type=Path, default=SHARED / "davis2016-val12", help="labelled DAVIS root scored")
+    p.add_argument("--sequences", default=None, help="comma-separated val sequences (default: all)")
+    p.add_argument("--preset", default="dino", choices=["crw", "dino"])
+    p.add_argument("--short-side", type=int, default=240, help="processing short side of the val frames")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
-    p.add_argument("--preset", default="crw", choices=["crw", "dino"])
-    p.add_argument("--davis", type=Path, default=SHARED / "davis2016-mini")
-    p.add_argument("--davis-short-side", type=int, default=240)
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="extra KEY=VALUE trainer override for every objective (repeatable)")
-    p.add_argument("--out", type=Path, default=None, help="keep runs and results.json here (default: temp)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no thread spins on the CPU clock)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra KEY=VALUE for every run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="recompute rows that exist")
+    p.add_argument("--report", action="store_true", help="only print the table of the rows in --out")
     return p.parse_args()
 
 
-# The papers' heads are sized for GPU clusters; on 2 CPU cores they eat the whole budget in a few steps
-# (VICRegL's 8192-wide expander alone is ~136M parameters). These keep each method's losses and structure and
-# shrink only widths, queue length, crop sizes and DenseCL's dense-loss warm-up (1000 iterations in the paper,
-# longer than a CPU budget, so the dense term would never switch on).
-CPU_HPARAMS: dict[str, list[str]] = {
-    "densecl": ["hparams.queue_len=4096", "hparams.crop_size=128", "hparams.warmup_iters=20"],
-    "poodle": ["hparams.hidden_dim=512", "hparams.subcrop_size=96", "hparams.loss_stride=4"],
-    "vicregl": ["hparams.mlp=2048-2048-2048"],
-    "hiergroup": [],
-}
+# ------------------------------------------------------------------------------------------------ rows on disk
+
+
+def _row_path(a: argparse.Namespace, key: str) -> Path:
+    return a.out / "rows" / f"{key.replace(' ', '_').replace('/', '_')}.json"
+
+
+def _have(a: argparse.Namespace, key: str) -> bool:
+    return not a.force and _row_path(a, key).is_file()
+
+
+def _save(a: argparse.Namespace, key: str, row: dict[str, Any]) -> None:
+    from densekit.serve.atomic import write_text_atomic
+
+    path = _row_path(a, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"key": key, **row}, indent=2, default=str))
+
+
+def _rows(a: argparse.Namespace) -> list[dict[str, Any]]:
+    folder = a.out / "rows"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+# ------------------------------------------------------------------------------------------------ the runs
+
+
+def _config_file(name: str) -> Path:
+    """The objective's shipped CPU config (the one its README row runs)."""
+    return CONFIGS / f"{name}_{'vit_tiny' if name in VIT else 'resnet18'}.yaml"
+
+
+def _cfg(a: argparse.Namespace, name: str, out: Path):  # noqa: ANN202 - TrainConfig
+    from densekit.train.config import build_config
+
+    ov = [f"budget_s={a.minutes * 60.0}", f"clock={a.clock}", f"max_steps={MAX_STEPS}",
+          f"data.num_workers={a.workers}", "progress=false", "tensorboard=false", "save_every=0", "log_every=10",
+          f"seed={a.seed}"]
+    return build_config(_config_file(name), overrides=ov + list(a.overrides), objective=name, out=str(out),
+                        data_path=str(a.data))
+
+
+def _arch_key(cfg: Any, decoder: bool) -> str:
+    """A label of the architecture a config builds (its random init is the baseline of that row)."""
+    kw = ",".join(f"{k}={v}" for k, v in sorted(cfg.backbone_kwargs.items()) if k != "drop_path_rate")
+    return f"random {cfg.backbone}" + (f"({kw})" if kw else "") + (" +decoder" if decoder else "")
+
+
+def _decoder(cfg: Any) -> bool:
+    from densekit.train.trainer import available_objectives
+
+    return bool(cfg.decoder if cfg.decoder is not None else getattr(available_objectives()[cfg.objective],
+                                                                    "backbone_decoder", False))
 
 
 class _Clock:
-    """Trainer hook recording the time after each step on the budget's clock (for the steady-state throughput)."""
+    """Trainer hook: the budget clock after each step (steady throughput, first step left out)."""
 
-    def __init__(self, kind: str = "wall") -> None:
+    def __init__(self, kind: str) -> None:
         from densekit.train.budget import clock_fn
 
-        self.now = clock_fn(kind)
-        self.times: list[float] = []
+        self.now, self.times = clock_fn(kind), []
 
     def __call__(self, _trainer: object, _step: int) -> None:
         self.times.append(self.now())
 
-
-def _cfg(a: argparse.Namespace, name: str, data: Path, out: Path, extra: list[str]):  # noqa: ANN202
-    from densekit.train.config import build_config
-
-    ov = [f"budget_s={a.minutes * 60.0}", f"clock={a.clock}", f"max_steps={MAX_STEPS}", f"batch_size={a.batch_size}",
-          f"data.size=[{a.size},{a.size}]", "data.split=train", f"data.num_workers={a.workers}", "progress=false",
-          "tensorboard=false", "save_every=0", "log_every=10", f"seed={a.seed}", "optim.warmup_steps=-1"]
-    if a.lr is not None:
-        ov.append(f"optim.lr={a.lr}")
-    return build_config(overrides=ov + list(a.overrides) + extra, objective=name, backbone=a.backbone,
-                        out=str(out), data_path=str(data))
+    def per_second(self, batch: int) -> float | None:
+        return (len(self.times) - 1) * batch / (self.times[-1] - self.times[0]) if len(self.times) > 2 else None
 
 
-def _jf(backbone, root: Path, sequences, a: argparse.Namespace, short_side: int) -> float:  # noqa: ANN001
+def _score(a: argparse.Namespace, backbone: Any, retrieval: bool) -> dict[str, Any]:
     from densekit.retrieval.backbone_eval import davis_jf
 
-    return davis_jf(backbone, root, sequences=sequences, preset=a.preset, short_side=short_side)["J&F"]
+    t0 = time.perf_counter()
+    seqs = a.sequences.split(",") if a.sequences else None
+    out: dict[str, Any] = dict(davis_jf(backbone, a.val, sequences=seqs, preset=a.preset, short_side=a.short_side))
+    out["eval_s"] = time.perf_counter() - t0
+    if retrieval:
+        out.update(_retrieval(a, backbone))
+    return out
+
+
+def _retrieval(a: argparse.Namespace, backbone: Any) -> dict[str, float]:
+    from densekit.retrieval.retrieval_eval import evaluate_retrieval
+    from densekit.serve.extractor import FeatureExtractor
+    from densekit.serve.sample import make_sample
+
+    sample = make_sample(a.out / "sample", seed=a.seed)
+    report = evaluate_retrieval(sample, FeatureExtractor(backbone, device="cpu"))
+    return {f"{m} mIoU": r.miou for m, r in report.modes.items()}
+
+
+def _train(a: argparse.Namespace, name: str) -> dict[str, Any]:
+    from densekit.serve.checkpoint import load_checkpoint
+    from densekit.train.trainer import Trainer, available_objectives
+
+    run = a.out / f"run-{name}"
+    cfg = _cfg(a, name, run)
+    clock = _Clock(a.clock)
+    res = Trainer(cfg, hooks=[clock]).fit()
+    per_sample = 2 if available_objectives()[name].data == "pairs" else 1
+    ips = clock.per_second(cfg.batch_size * per_sample)
+    row = {"model": name, "arch": _arch_key(cfg, _decoder(cfg)), "config": _config_file(name).name,
+           "steps": res.step, "schedule_steps": res.max_steps, "budget_used_s": res.seconds, "clock": a.clock,
+           "wall_s": res.wall_s, "images_per_cpu_s" if a.clock == "cpu" else "images_per_s": ips,
+           "final_loss": res.metrics.get("loss"), "stopped_by_budget": res.stopped_by_budget}
+    bb = load_checkpoint(run / "backbone.safetensors")
+    row.update(_score(a, bb, name in RETRIEVAL))
+    return row
+
+
+def _baseline(a: argparse.Namespace, name: str) -> tuple[str, Any]:
+    """(row key, random init of ``name``'s architecture with the seed of its run)."""
+    from densekit.serve.backbones import build_backbone
+
+    cfg = _cfg(a, name, a.out / "unused")
+    dec = _decoder(cfg)
+    return _arch_key(cfg, dec), build_backbone(cfg.backbone, seed=a.seed, decoder=dec,
+                                               kwargs=cfg.backbone_kwargs or None)
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def _short(label: str) -> str:
+    return label.replace("random ", "").replace("timm:vit_tiny_patch16_224", "ViT-Tiny/16")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each architecture's random init, then the objectives trained on it; pixels first."""
+    order = {n: i for i, n in enumerate(VIT + CNN)}
+    rows = sorted(rows, key=lambda r: (r["arch"] != "pixels", r["arch"], not r.get("baseline"),
+                                       order.get(r["model"], 99)))
+    base = {r["arch"]: r for r in rows if r.get("baseline")}
+    pixels = base.get("pixels", {}).get("J&F")
+    lines = ["| model | steps | images/CPU-s | J&F | J | F | segments mIoU | hummingbird mIoU | > random init "
+             "| > pixels |", "|" + "---|" * 10]
+    for r in rows:
+        ips = r.get("images_per_cpu_s")
+        f = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else "-"  # noqa: E731
+        b = base.get(r["arch"])
+        vs_random = "" if r.get("baseline") or b is None else ("yes" if r["J&F"] > b["J&F"] else "NO")
+        vs_pixels = "" if r.get("baseline") or pixels is None else ("yes" if r["J&F"] > pixels else "NO")
+        if r.get("baseline"):
+            name = "pixels" if r["arch"] == "pixels" else f"random init {_short(r['arch'])}"
+        else:
+            name = f"{r['model']} ({_short(r['arch'])})"
+        lines.append(f"| {name} | {r['steps']} | {f'{ips:.2f}' if ips else '-'} | {f('J&F')} | {f('J')} | {f('F')} "
+                     f"| {f('segments mIoU')} | {f('hummingbird mIoU')} | {vs_random} | {vs_pixels} |")
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return platform.processor()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("Flags")), [])
+    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")]
+    return f"{model}, {os.cpu_count()} CPUs, {' '.join(wanted)}"
 
 
 def main() -> int:
     a = _args()
-    import torch
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from densekit.serve.backbones import build_backbone
-    from densekit.serve.checkpoint import load_checkpoint
-    from densekit.serve.davis import DavisRoot
-    from densekit.serve.sample import make_sample
-    from densekit.train.trainer import Trainer, available_objectives
-
-    table = available_objectives()
-    names = a.objectives or sorted(table)
-    unknown = [n for n in names if n not in table]
+    names = a.objectives if a.objectives is not None else list(VIT + CNN)
+    unknown = [n for n in names if n not in VIT + CNN]
     if unknown:
-        print(f"unknown objective(s) {unknown}; available: {sorted(table)}", file=sys.stderr)
+        print(f"error: unknown objective(s) {unknown}; choose from {' '.join(VIT + CNN)}", file=sys.stderr)
         return 2
-    work = a.out or Path(tempfile.mkdtemp(prefix="densekit-train-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    sample = make_sample(work / "sample", sequences=max(2, a.sequences), frames=a.frames, height=a.height,
-                         width=a.width, seed=a.seed)
-    val = DavisRoot(sample).sequences("val")
-    davis = a.davis if (a.davis / "JPEGImages").is_dir() else None
-    davis_seqs = DavisRoot(davis).sequences() if davis else None
-    print(f"sample: {sample} (train {len(DavisRoot(sample).sequences('train'))}, held-out val {val}); "
-          f"davis2016-mini: {davis or 'absent'}; budget {a.minutes} min/objective; preset {a.preset}", flush=True)
+    if not a.report:
+        for root in (a.data, a.val):
+            if not root.exists():
+                print(f"error: {root} not found (set DENSEKIT_SHARED_DATA or --data/--val)", file=sys.stderr)
+                return 2
+        import torch
 
-    def evaluate(bb) -> tuple[float, float | None]:  # noqa: ANN001
-        s = _jf(bb, sample, val, a, 0)
-        d = _jf(bb, davis, davis_seqs, a, a.davis_short_side) if davis else None
-        return s, d
+        torch.set_num_threads(max(1, a.threads))
+        _run_all(a, names)
+    rows = _rows(a)
+    print(f"\n{a.minutes} {a.clock}-minutes per objective; train {a.data.name}, J&F ({a.preset}, short side "
+          f"{a.short_side}) on {a.val.name}; machine: {_machine()}\n")
+    print(_table(rows))
+    from densekit.serve.atomic import write_text_atomic
 
-    rows: list[dict] = []
-    decoders = {bool(getattr(table[n], "backbone_decoder", False)) for n in names}
-    for dec in sorted(decoders):
-        label = f"random {a.backbone}" + (" +decoder" if dec else "")
-        t0 = time.perf_counter()
-        s, d = evaluate(build_backbone(a.backbone, seed=a.seed, decoder=dec))
-        rows.append({"model": label, "arch": (a.backbone, dec), "sample": s, "davis": d, "steps": 0, "ips": None,
-                     "eval_s": time.perf_counter() - t0})
-        print(f"{label}: sample J&F {s:.4f}" + (f", davis J&F {d:.4f}" if d is not None else ""), flush=True)
-    s, d = evaluate(build_backbone("pixels"))
-    rows.append({"model": "pixels", "arch": ("pixels", False), "sample": s, "davis": d, "steps": 0, "ips": None})
-    print(f"pixels: sample J&F {s:.4f}" + (f", davis J&F {d:.4f}" if d is not None else ""), flush=True)
-
-    for name in names:
-        dec = bool(getattr(table[name], "backbone_decoder", False))
-        hp = [] if a.paper_hparams else CPU_HPARAMS.get(name, [])
-        clock = _Clock(a.clock)
-        c0 = clock.now()
-        res = Trainer(_cfg(a, name, sample, work / f"run-{name}", hp), hooks=[clock]).fit()
-        steps, train_s, budget_used = res.step, res.wall_s, res.seconds
-        if len(clock.times) > 1:  # steady state: first step (start-up, worker spawn) excluded
-            ips = (len(clock.times) - 1) * a.batch_size / max(clock.times[-1] - clock.times[0], 1e-9)
-        else:
-            ips = a.batch_size / max(clock.times[0] - c0, 1e-9) if clock.times else 0.0
-        bb = load_checkpoint(work / f"run-{name}" / "backbone.safetensors")
-        s, d = evaluate(bb)
-        rows.append({"model": name, "arch": (a.backbone, dec), "sample": s, "davis": d, "steps": steps, "ips": ips,
-                     "train_s": train_s, "budget_used_s": budget_used, "schedule_steps": res.max_steps,
-                     "seconds_per_step": res.seconds_per_step, "stopped_by_budget": res.stopped_by_budget,
-                     "hparams": hp, "final_loss": res.metrics.get("loss")})
-        print(f"{name} {' '.join(hp)}: {steps} of {res.max_steps} scheduled steps in {budget_used:.0f} {a.clock}-s "
-              f"({train_s:.0f} s wall, "
-              f"{ips:.2f} samples per {a.clock}-s), loss {res.metrics.get('loss')}, "
-              f"sample J&F {s:.4f}" + (f", davis J&F {d:.4f}" if d is not None else ""), flush=True)
-
-    random_by_arch = {r["arch"]: r for r in rows if r["model"].startswith("random")}
-    print()
-    head = f"{'model':<26}{'steps':>7}{'samples/s' if a.clock == 'wall' else 'samples/cpu-s':>14}{'J&F sample-val':>16}{'J&F davis16-mini':>18}  beats random init"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        base = random_by_arch.get(r["arch"])
-        verdict = ""
-        if r["steps"] and base is not None:
-            wins = [r["sample"] > base["sample"]] + ([r["davis"] > base["davis"]] if r["davis"] is not None else [])
-            verdict = "yes" if all(wins) else ("partly" if any(wins) else "NO")
-        dav = f"{r['davis']:.4f}" if r["davis"] is not None else "-"
-        ips = f"{r['ips']:.2f}" if r["ips"] else "-"
-        print(f"{r['model']:<26}{r['steps']:>7}{ips:>14}{r['sample']:>16.4f}{dav:>18}  {verdict}")
-    results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "rows": rows}
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nruns and results.json in {work}")
+    write_text_atomic(a.out / "results.json", json.dumps({"machine": _machine(), "rows": rows}, indent=2))
     return 0
+
+
+def _run_all(a: argparse.Namespace, names: list[str]) -> None:
+    from densekit.serve.backbones import build_backbone
+
+    for name in names:  # baselines first: a short run then still says where the floor is
+        key, bb = _baseline(a, name)
+        if not _have(a, key):
+            row = {"model": key, "arch": key, "baseline": True, "steps": 0, **_score(a, bb, name in RETRIEVAL)}
+            _save(a, key, row)
+            print(f"{key}: J&F {row['J&F']:.4f}", flush=True)
+    if not _have(a, "pixels"):
+        row = {"model": "pixels", "arch": "pixels", "baseline": True, "steps": 0,
+               **_score(a, build_backbone("pixels"), False)}
+        _save(a, "pixels", row)
+        print(f"pixels: J&F {row['J&F']:.4f}", flush=True)
+    for name in names:
+        if _have(a, name):
+            continue
+        row = _train(a, name)
+        _save(a, name, row)
+        print(f"{name}: {row['steps']} steps in {row['budget_used_s']:.0f} {a.clock}-s, J&F {row['J&F']:.4f}",
+              flush=True)
 
 
 if __name__ == "__main__":
