@@ -182,6 +182,18 @@ def parse_hw(text: str | None, multiple: int | None = None) -> tuple[int, int] |
     return h, w
 
 
+def check_target(out: str | os.PathLike[str], opset: int) -> Path:
+    """An ONNX destination and opset this exporter can write, else one :class:`DensekitError` line."""
+    import onnx
+
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise DensekitError(f"--out {out} must end in .onnx")
+    if opset < MIN_OPSET or opset > onnx.defs.onnx_opset_version():
+        raise DensekitError(f"opset {opset} outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    return out
+
+
 def export_onnx(
     model: Any,
     out: str | os.PathLike[str],
@@ -215,11 +227,7 @@ def export_onnx(
     import onnx
 
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise DensekitError(f"--out {out} must end in .onnx")
-    if opset < MIN_OPSET or opset > onnx.defs.onnx_opset_version():
-        raise DensekitError(f"opset {opset} outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    out = check_target(out, opset)
     if int8_calib is not None and half:
         raise DensekitError("--int8 and --half are exclusive")
     calib_files = []

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from densekit.export.onnx import DEFAULT_OPSET, FP32_COSINE, MIN_OPSET, load_model_for_export, set_metadata
+from densekit.export.onnx import DEFAULT_OPSET, FP32_COSINE, check_target, load_model_for_export, set_metadata
 from densekit.export.parity import compare, real_images
 from densekit.serve.atomic import atomic_path
 from densekit.serve.errors import DensekitError, one_line
@@ -146,11 +146,7 @@ def export_packed_onnx(model: Any, out: str | os.PathLike[str], *, opset: int = 
     from densekit.serve.packing import vit_model
 
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise DensekitError(f"--out {out} must end in .onnx")
-    if opset < MIN_OPSET or opset > onnx.defs.onnx_opset_version():
-        raise DensekitError(f"opset {opset} outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    out = check_target(out, opset)
     if max_side < 1:
         raise DensekitError(f"--max-side must be >= 1 patch, got {max_side}")
     net = load_model_for_export(model, seed=seed)
