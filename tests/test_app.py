@@ -456,3 +456,24 @@ def test_cli_help_is_light_and_bad_index_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "--max-video-mb" in out.stdout
     assert out.stderr.strip().splitlines()[-1].startswith("error: --index")
+
+
+def test_a_picture_sent_again_is_not_rewritten_under_the_browser(tmp_path: Path) -> None:
+    """Gradio 6 rewrites an array output's cache file each time the same picture is sent; a browser still
+    fetching the first copy then gets a broken image (CI: 'Too much data for declared Content-Length'). The
+    app's images write each picture once, atomically, and serve what is there."""
+    from PIL import Image
+
+    from densekit.apps.app.atomic_image import AtomicImage
+
+    picture = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    img = AtomicImage(format="jpeg", interactive=False)
+    first = Path(img.postprocess(picture).path)
+    assert Image.open(first).size == (64, 48)
+    os.utime(first, (1_000_000, 1_000_000))  # a write would move the modification time
+    data = first.read_bytes()
+    again = Path(img.postprocess(picture.copy()).path)
+    assert again == first and first.stat().st_mtime == 1_000_000 and first.read_bytes() == data  # not rewritten
+    other = Path(img.postprocess(255 - picture).path)
+    assert other != first and Image.open(other).size == (64, 48)
+    assert not [p for p in first.parent.iterdir() if p.name != first.name]  # no temporary file left behind

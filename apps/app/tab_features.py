@@ -4,6 +4,7 @@ from typing import Any
 
 import gradio as gr
 
+from densekit.apps.app.atomic_image import AtomicImage
 from densekit.apps.app.display import pca_picture
 from densekit.apps.app.engine import Engine
 from densekit.apps.app.handlers import reports_errors, short_side_value
@@ -23,7 +24,7 @@ class FeaturesTab:
             )
             self.slider = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="pca-frame-slider")
             self.show_btn = gr.Button("Show features", elem_id="pca-btn")
-            self.image = gr.Image(label="PCA of the features", interactive=False, format="jpeg", elem_id="pca-image")
+            self.image = AtomicImage(label="PCA of the features", interactive=False, format="jpeg", elem_id="pca-image")
 
     @reports_errors
     def on_pca(self, session: TrackSession, i: Any, side: Any) -> dict:

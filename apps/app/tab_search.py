@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from densekit.apps.app.atomic_image import AtomicImage
 from densekit.apps.app.engine import Engine
 from densekit.apps.app.handlers import reports_errors
 from densekit.apps.app.search import build_index, search_point
@@ -32,7 +33,7 @@ class SearchTab:
                     label="Query image: click a region", type="numpy", sources=["upload", "clipboard"],
                     elem_id="search-image",
                 )
-                self.query = gr.Image(label="Query region", interactive=False, format="jpeg", elem_id="search-query")
+                self.query = AtomicImage(label="Query region", interactive=False, format="jpeg", elem_id="search-query")
             self.k = gr.Slider(1, 24, value=8, step=1, label="Hits", elem_id="search-k")
             self.gallery = gr.Gallery(label="Nearest segments", columns=4, format="jpeg", elem_id="search-gallery")
             self.x = gr.Number(visible=False, elem_id="search-x")

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from densekit.apps.app.atomic_image import AtomicImage
 from densekit.apps.app.display import object_label
 from densekit.apps.app.engine import Engine
 from densekit.apps.app.handlers import (
@@ -67,7 +68,7 @@ class TrackTab:
         resolutions = self.engine.resolutions()
         with gr.Row():
             with gr.Column(scale=3):
-                self.frame_image = gr.Image(
+                self.frame_image = AtomicImage(
                     label="Frame: click an object to select it",
                     interactive=False,
                     format="jpeg",
@@ -122,7 +123,7 @@ class TrackTab:
             self.track_btn = gr.Button("Track from this frame", variant="primary", elem_id="track-btn")
             self.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
         self.fps_text = gr.Markdown("", elem_id="fps-text")
-        self.overlay_image = gr.Image(
+        self.overlay_image = AtomicImage(
             label="Tracking (live)", interactive=False, format="jpeg", elem_id="overlay-image"
         )
         with gr.Row():

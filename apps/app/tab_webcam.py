@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from densekit.apps.app.atomic_image import AtomicImage
 from densekit.apps.app.display import object_label
 from densekit.apps.app.engine import Engine
 from densekit.apps.app.handlers import object_choices, reports_errors, short_side_value
@@ -56,7 +57,7 @@ class WebcamTab:
                         constraints={"video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}
                     ),
                 )
-                self.stream_out = gr.Image(label="Tracked", interactive=False, format="jpeg", elem_id="webcam-output")
+                self.stream_out = AtomicImage(label="Tracked", interactive=False, format="jpeg", elem_id="webcam-output")
             self.latency = gr.Markdown("", elem_id="webcam-latency")
             self._capture_and_controls()
             self.click_x = gr.Number(visible=False, elem_id="webcam-x")
