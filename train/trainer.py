@@ -724,6 +724,10 @@ class Trainer:
         est = torch.tensor([timer.seconds_per_step()], dtype=torch.float64, device=run.device)
         return float(dist.broadcast_(est).item())
 
+    def _loop_end(self) -> int:
+        """The step the loop runs to: the schedule's end, or ``halt_at`` when that comes first."""
+        return self.max_steps if not self.cfg.halt_at else min(self.max_steps, self.cfg.halt_at)
+
     def _replanned(self, replan: Replan, device: torch.device) -> bool:
         """Rank 0's re-plan of the schedule length after this step (:class:`~densekit.train.budget.Replan`),
         taken by every rank; True when the length changed."""
@@ -748,7 +752,7 @@ class Trainer:
     def _loop(self, run: _Run, dataset: Any) -> TrainResult:
         """Steps until the schedule ends, ``halt_at`` or the budget; then the state and (unless halted) the export."""
         cfg, rank, world = self.cfg, dist.rank(), dist.world_size()
-        end = self.max_steps if not cfg.halt_at else min(self.max_steps, cfg.halt_at)
+        end = self._loop_end()
         writer = self._tensorboard() if rank == 0 else None
         bar = None
         if rank == 0 and cfg.progress:
@@ -779,7 +783,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._log_step(writer, bar, result, out, lr, grad_norm)
                 if replan is not None and self._replanned(replan, run.device):
-                    end = self.max_steps if not cfg.halt_at else min(self.max_steps, cfg.halt_at)
+                    end = self._loop_end()
                     result.max_steps = self.max_steps
                     if bar is not None:
                         bar.total = self.max_steps
