@@ -1,6 +1,6 @@
-"""``densekit export onnx|trt|triton``: exported models with verified parity.
+"""``densekit export onnx|openvino|trt|triton``: exported models with verified parity.
 
-Typer only at import time; torch, onnx, onnxruntime and tensorrt are imported inside the commands.
+Typer only at import time; torch, onnx, onnxruntime, openvino and tensorrt are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 export_app = typer.Typer(
-    help="Export a backbone: ONNX (verified against PyTorch), TensorRT engine, Triton model repository.",
+    help="Export a backbone: ONNX (verified against PyTorch), OpenVINO IR, TensorRT engine, Triton model "
+    "repository.",
     no_args_is_help=True,
 )
 
@@ -140,6 +141,30 @@ def export_trt_command(
         f"wrote {report.path} ({report.plan.precision}, TensorRT {report.info.tensorrt_version}) and "
         f"{report.path.name}.json in {report.seconds:.1f}s"
     )
+
+
+@export_app.command("openvino")
+def export_openvino_command(
+    model: Annotated[str, typer.Argument(help="An .onnx file from `densekit export onnx`, or " + MODEL_HELP)],
+    out: Annotated[Path, typer.Option("--out", help="Destination folder for model.xml + model.bin (replaced whole).")],
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto (bf16 where the CPU has it, else f32) | f32 | bf16 | f16; "
+                          "recorded in the IR and used when it is served.")
+    ] = "auto",
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", min=1, help="OpenVINO threads for the parity check.")
+    ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the OpenVINO vs PyTorch/ONNX Runtime parity check.")
+    ] = False,
+) -> None:
+    """Write an OpenVINO IR folder with the model contract in its rt_info; check it on real photos."""
+    from densekit.export.openvino import export_openvino
+
+    report = export_openvino(model, out, precision=precision, verify=not no_verify, threads=threads, log=typer.echo)
+    shape = "static " + "x".join(map(str, report.static)) if report.static else "dynamic batch/height/width"
+    checked = f"checked against {report.reference}" if report.parity else "not verified"
+    typer.echo(f"wrote {out}/model.xml (openvino:CPU:{report.precision}, {shape}, {checked}) in {report.seconds:.1f}s")
 
 
 @export_app.command("triton")

@@ -34,7 +34,7 @@ def serve_command(
         str, typer.Option("--device", help="auto (the backend's natural choice) | cpu | cuda[:N].")
     ] = "auto",
     backend: Annotated[
-        str, typer.Option("--backend", help="auto | torch | onnxruntime | tensorrt (what runs the network).")
+        str, typer.Option("--backend", help="auto | torch | onnxruntime | openvino | tensorrt (what runs the network).")
     ] = "auto",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:

@@ -3,12 +3,14 @@
 :class:`FeatureExtractor` does the preprocessing that :class:`~densekit.serve.contract.ModelMeta`
 prescribes (resize to a multiple of ``input_multiple``, /255, (x - mean) / std, NCHW float32), hands
 the batch to a *backend* and L2-normalises the result over D. Turning the model argument (a name, a
-``.safetensors`` checkpoint, an ``.onnx`` file, a TensorRT engine or a DenseBackbone) into a backend is
-:func:`densekit.serve.loader.open_backend`'s job; the three backends live there:
+``.safetensors`` checkpoint, an ``.onnx`` file, an OpenVINO IR, a TensorRT engine or a DenseBackbone) into a
+backend is :func:`densekit.serve.loader.open_backend`'s job; the backends live there:
 
 ``torch``        a :class:`DenseBackbone` (name or ``.safetensors`` checkpoint) run eagerly.
 ``onnxruntime``  an ``.onnx`` file; providers are tried TensorRT, then CUDA, then CPU, and the one that
                  really runs is read back from ``session.get_providers()``.
+``openvino``     an ``.onnx`` file or an IR folder from ``densekit export openvino``, on OpenVINO's CPU plugin
+                 (:mod:`densekit.serve.openvino_backend`; ``auto`` picks it for ``.onnx`` on a bf16 CPU).
 ``tensorrt``     a plan file built by ``densekit export trt`` with its JSON sidecar.
 
 Importing this module does not import torch, and the ONNX Runtime path never does: an exported model
@@ -119,17 +121,18 @@ class FeatureExtractor:
             None/``'auto'`` tries TensorRT, CUDA, then CPU; ``'cuda'`` refuses to end up on the CPU;
             ``'cpu'`` is CPU only. TensorRT: always CUDA.
         seed: seed for randomly initialised named backbones.
-        backend: ``'auto'`` (from the model: ``.onnx`` -> onnxruntime, ``.engine``/``.plan`` ->
-            tensorrt, otherwise torch), or one of ``'torch'``, ``'onnxruntime'``, ``'tensorrt'``.
+        backend: ``'auto'`` (from the model: ``.onnx`` -> onnxruntime, or openvino on a CPU whose OpenVINO
+            runs bf16; an IR folder/``.xml`` -> openvino; ``.engine``/``.plan`` -> tensorrt; otherwise torch),
+            or one of ``'torch'``, ``'onnxruntime'``, ``'openvino'``, ``'tensorrt'``.
         mean, std, stride: the contract of an ONNX file exported by someone else (no densekit
             metadata); all three are needed for such a file.
-        threads: ONNX Runtime intra-op threads (None: its default).
+        threads: ONNX Runtime intra-op threads / OpenVINO inference threads (None: their default).
 
     Attributes:
         meta: the model contract. backend: the backend object (``.name`` is its kind).
-        backend_name: ``'torch'``, ``'onnxruntime'`` or ``'tensorrt'``.
+        backend_name: ``'torch'``, ``'onnxruntime'``, ``'openvino'`` or ``'tensorrt'``.
         provider: what really runs it, e.g. ``'torch:cpu'``, ``'CPUExecutionProvider'``,
-            ``'CUDAExecutionProvider'``, ``'TensorRT 10.16.1.11 (fp16)'``.
+            ``'CUDAExecutionProvider'``, ``'openvino:CPU:bf16'``, ``'TensorRT 10.16.1.11 (fp16)'``.
 
     ``extractor(frame, size=None)``: (H, W, 3) uint8 RGB -> (D, h, w) float32 with h = H'/s, w = W'/s,
     where (H', W') is ``size`` or the frame size, rounded down to ``meta.input_multiple``. A model with a

@@ -4,9 +4,11 @@
     a built-in name (``resnet18``, ``timm:<model>``...: :mod:`densekit.serve.backbones`' registry) or a
     ``.safetensors`` checkpoint (:mod:`densekit.serve.checkpoint`) -> a torch :class:`DenseBackbone`.
 :func:`open_backend`
-    the same, or an ``.onnx`` file (:class:`OnnxRuntimeBackend`) or a TensorRT ``.engine``/``.plan``/``.trt``
-    with its JSON sidecar (:class:`TensorRTBackend`), or a DenseBackbone object -> (meta, backend); what
-    :class:`~densekit.serve.extractor.FeatureExtractor` runs. :func:`backend_for` picks the backend by suffix.
+    the same, or an ``.onnx`` file (:class:`OnnxRuntimeBackend`, or OpenVINO's
+    :class:`~densekit.serve.openvino_backend.OpenVinoBackend`), an OpenVINO IR folder or ``.xml``, or a TensorRT
+    ``.engine``/``.plan``/``.trt`` with its JSON sidecar (:class:`TensorRTBackend`), or a DenseBackbone object ->
+    (meta, backend); what :class:`~densekit.serve.extractor.FeatureExtractor` runs. :func:`backend_for` picks the
+    backend by suffix (and, for ``.onnx`` under ``auto``, by the CPU: OpenVINO where it runs bf16).
 
 A backend is any object with ``run(batch: np.ndarray (B, 3, H, W) float32) -> np.ndarray (B, D, H/s, W/s)``
 (:class:`Backend`). ONNX Runtime's provider list is only a request: ``onnxruntime-gpu`` falls back to the CPU
@@ -15,8 +17,8 @@ is read back from the session. Importing this module does not import torch; the 
 exported model serves on a machine with only numpy, OpenCV and onnxruntime. The torch parts (backbones,
 checkpoints, the torch and TensorRT backends) are imported when they are used.
 
-Import direction: ``loader`` -> ``backbones``, ``checkpoint``, ``onnx_meta``; ``checkpoint`` -> ``backbones``;
-none of them imports ``loader`` or ``extractor`` (``extractor`` -> ``loader``).
+Import direction: ``loader`` -> ``backbones``, ``checkpoint``, ``onnx_meta``, ``openvino_backend``; ``checkpoint`` ->
+``backbones``; none of them imports ``loader`` or ``extractor`` (``extractor`` -> ``loader``).
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ def load_backbone(name_or_path: str | os.PathLike[str], seed: int = 0) -> DenseB
         from densekit.serve.checkpoint import load_checkpoint
 
         return load_checkpoint(text)
-    if suffix in ONNX_SUFFIXES + ENGINE_SUFFIXES:
+    if suffix in ONNX_SUFFIXES + ENGINE_SUFFIXES + (".xml",):
         raise DensekitError(
             f"{text}: {suffix} models are not supported by load_backbone (it gives torch models); "
-            "run them with FeatureExtractor, which opens .onnx files and TensorRT engines"
+            "run them with FeatureExtractor, which opens .onnx files, OpenVINO IRs and TensorRT engines"
         )
     if suffix in PICKLE_SUFFIXES:
         raise DensekitError(
@@ -134,7 +136,7 @@ def resolve_torch_device(device: str) -> Any:
     return dev
 
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 TRT_INSTALL_HINT = (
     "install it with `pip install 'densekit[trt]'` (tensorrt>=10, polygraphy) on a Linux or Windows machine "
@@ -337,8 +339,15 @@ def _torch_dtype(torch: Any, trt: Any, dtype: Any) -> Any:
     return table[dtype]
 
 
-def backend_for(model: Any, backend: str) -> str:
-    """Which backend ``backend="auto"`` means for ``model`` (by file suffix; names are torch)."""
+def backend_for(model: Any, backend: str, device: str | None = None) -> str:
+    """Which backend ``backend="auto"`` means for ``model`` (by file suffix; names are torch).
+
+    An ``.onnx`` file runs with either ONNX Runtime or OpenVINO; ``auto`` takes OpenVINO only where
+    :func:`~densekit.serve.openvino_backend.prefers_openvino` says so (a bf16 CPU), else ONNX Runtime.
+    An IR folder or ``.xml`` is OpenVINO's.
+    """
+    from densekit.serve.openvino_backend import ir_xml, prefers_openvino
+
     if backend not in BACKENDS:
         raise DensekitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not isinstance(model, (str, Path)):
@@ -346,13 +355,22 @@ def backend_for(model: Any, backend: str) -> str:
             raise DensekitError(f"backend {backend!r} needs a model file path, not a {type(model).__name__}")
         return "torch"
     suffix = Path(str(model)).suffix.lower()
-    natural = "onnxruntime" if suffix in ONNX_SUFFIXES else "tensorrt" if suffix in ENGINE_SUFFIXES else "torch"
+    if suffix in ONNX_SUFFIXES:
+        if backend in ("onnxruntime", "openvino"):
+            return backend
+        natural = "openvino" if backend == "auto" and prefers_openvino(str(model), device) else "onnxruntime"
+    elif suffix in ENGINE_SUFFIXES:
+        natural = "tensorrt"
+    elif ir_xml(str(model)) is not None:
+        natural = "openvino"
+    else:
+        natural = "torch"
     if backend == "auto":
         return natural
     if backend != natural:
         kinds = {"torch": "a backbone name or .safetensors checkpoint", "onnxruntime": "an .onnx file",
-                 "tensorrt": "an .engine/.plan file with its .json sidecar"}
-        hint = " (export it first: densekit export onnx|trt)" if natural == "torch" else ""
+                 "openvino": "an .onnx file or an OpenVINO IR folder", "tensorrt": "an .engine/.plan file with its .json sidecar"}
+        hint = " (export it first: densekit export onnx|openvino|trt)" if natural == "torch" else ""
         raise DensekitError(f"backend {backend!r} runs {kinds[backend]}, not {model}{hint}")
     return backend
 
@@ -374,9 +392,11 @@ def open_backend(
     are then required); for a file with metadata they are ignored unless given, in which case they
     must agree with it.
     """
-    kind = backend_for(model, backend)
+    kind = backend_for(model, backend, device)
     if kind == "onnxruntime":
         return _open_onnx(Path(str(model)), device, mean=mean, std=std, stride=stride, threads=threads)
+    if kind == "openvino":
+        return _open_openvino(Path(str(model)), device, mean=mean, std=std, stride=stride, threads=threads)
     if kind == "tensorrt":
         runner = TensorRTBackend(Path(str(model)), device)
         return runner.info.meta, runner
@@ -403,21 +423,55 @@ def _open_onnx(
         raise DensekitError(f"{path}: ONNX file not found")
     runner = OnnxRuntimeBackend(path, device, threads=threads)
     meta = meta_from_props(runner.metadata_props(), str(path))
+    return _contract(meta, path, runner.output_dim, mean=mean, std=std, stride=stride), runner
+
+
+def _open_openvino(
+    path: Path,
+    device: str | None,
+    *,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    stride: int | None,
+    threads: int | None,
+) -> tuple[ModelMeta, Backend]:
+    from densekit.serve.openvino_backend import OpenVinoBackend
+
+    if path.suffix.lower() in ONNX_SUFFIXES and not path.is_file():
+        raise DensekitError(f"{path}: ONNX file not found")
+    runner = OpenVinoBackend(path, device, threads=threads)
+    if runner.meta is None and runner.path.suffix.lower() == ".xml" and None in (mean, std, stride):
+        raise DensekitError(
+            f"{runner.path}: OpenVINO IR without a densekit contract in its rt_info; write it with "
+            "`densekit export openvino MODEL --out DIR`, or pass mean, std and stride"
+        )
+    return _contract(runner.meta, runner.path, runner.output_dim, mean=mean, std=std, stride=stride), runner
+
+
+def _contract(
+    meta: ModelMeta | None,
+    path: Path,
+    dim: int | None,
+    *,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    stride: int | None,
+) -> ModelMeta:
+    """The exported model's own contract, checked against what the caller gave; or one built from those."""
     given = {"mean": mean, "std": std, "stride": stride}
     if meta is None:
-        meta = explicit_meta(
+        return explicit_meta(
             str(path),
-            runner.output_dim or 0,
+            dim or 0,
             mean=tuple(mean) if mean is not None else None,  # type: ignore[arg-type]
             std=tuple(std) if std is not None else None,  # type: ignore[arg-type]
             stride=stride,
         )
-    else:
-        stored = {"mean": tuple(meta.mean), "std": tuple(meta.std), "stride": meta.stride}
-        for key, value in given.items():
-            if value is None:
-                continue
-            same = value == stored[key] if key == "stride" else np.allclose(value, stored[key], atol=1e-6)
-            if not same:
-                raise DensekitError(f"{path}: {key} {value} contradicts the model's metadata ({stored[key]})")
-    return meta, runner
+    stored = {"mean": tuple(meta.mean), "std": tuple(meta.std), "stride": meta.stride}
+    for key, value in given.items():
+        if value is None:
+            continue
+        same = value == stored[key] if key == "stride" else np.allclose(value, stored[key], atol=1e-6)
+        if not same:
+            raise DensekitError(f"{path}: {key} {value} contradicts the model's metadata ({stored[key]})")
+    return meta

@@ -32,7 +32,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_onnxruntime_matches_torch(exported: dict[str, Path]) -> None:
-    ort_ext = FeatureExtractor(exported["r18"])
+    ort_ext = FeatureExtractor(exported["r18"], backend="onnxruntime")  # auto may pick OpenVINO on a bf16 CPU
     torch_ext = FeatureExtractor("resnet18")
     assert ort_ext.backend_name == "onnxruntime" and torch_ext.backend_name == "torch"
     assert ort_ext.provider == "CPUExecutionProvider" and ort_ext.device == "cpu"  # what really runs
@@ -51,7 +51,7 @@ def test_explicit_backend_and_mismatches(exported: dict[str, Path]) -> None:
     with pytest.raises(DensekitError, match="engine"):
         FeatureExtractor(exported["r18"], backend="tensorrt")
     with pytest.raises(DensekitError, match="unknown backend"):
-        FeatureExtractor(exported["r18"], backend="openvino")
+        FeatureExtractor(exported["r18"], backend="tvm")
 
 
 def test_static_model_resizes_to_its_size(exported: dict[str, Path]) -> None:
@@ -109,7 +109,7 @@ sys.modules['torch'] = None  # any 'import torch' now raises ImportError
 import numpy as np
 import densekit.serve
 from densekit.serve.extractor import FeatureExtractor
-ext = FeatureExtractor({str(exported["r18"])!r})
+ext = FeatureExtractor({str(exported["r18"])!r}, backend="onnxruntime")
 out = ext(np.full((64, 96, 3), 128, np.uint8))
 assert out.shape == (256, 8, 12), out.shape
 assert abs(float(np.linalg.norm(out[:, 0, 0])) - 1) < 1e-4
@@ -167,7 +167,7 @@ def test_loader_opens_every_kind_of_model(tmp_path) -> None:
     save_checkpoint(build_backbone("pixels"), tmp_path / "p.safetensors")
     assert open_backend(tmp_path / "p.safetensors")[0] == meta
     export_onnx("pixels", tmp_path / "p.onnx")
-    onnx_meta, ort_runner = open_backend(tmp_path / "p.onnx", device="cpu")
+    onnx_meta, ort_runner = open_backend(tmp_path / "p.onnx", device="cpu", backend="onnxruntime")
     assert (ort_runner.name, onnx_meta.dim, onnx_meta.stride) == ("onnxruntime", 192, 8)
     batch = np.random.default_rng(0).standard_normal((1, 3, 16, 24)).astype(np.float32)
     np.testing.assert_allclose(ort_runner.run(batch), runner.run(batch), atol=1e-6)

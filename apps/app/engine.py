@@ -49,12 +49,14 @@ class LockedExtractor:
             return self.inner.batch(frames, size=size)
 
 
-_EXTRACTORS: dict[tuple[str, Optional[str]], LockedExtractor] = {}
+_EXTRACTORS: dict[tuple[str, Optional[str], str], LockedExtractor] = {}
 _EXTRACTORS_LOCK = threading.Lock()
 
 
-def shared_extractor(model: Any = DEFAULT_MODEL, device: Optional[str] = None) -> LockedExtractor:
-    """The process-wide extractor for ``model`` (name, checkpoint, .onnx, .engine), loaded on first use.
+def shared_extractor(model: Any = DEFAULT_MODEL, device: Optional[str] = None, backend: str = "auto"
+                     ) -> LockedExtractor:
+    """The process-wide extractor for ``model`` (name, checkpoint, .onnx, OpenVINO IR folder, .engine), loaded on
+    first use. ``backend``: as FeatureExtractor's (``auto`` runs an .onnx with OpenVINO on a bf16 CPU).
 
     ``model`` may also be a ready extractor (anything with ``.meta`` and ``__call__(frame, size)``).
     """
@@ -62,12 +64,12 @@ def shared_extractor(model: Any = DEFAULT_MODEL, device: Optional[str] = None) -
         return model
     if hasattr(model, "meta") and callable(model):
         return LockedExtractor(model)
-    key = (str(model), device)
+    key = (str(model), device, backend)
     with _EXTRACTORS_LOCK:
         if key not in _EXTRACTORS:
             from densekit.serve.extractor import FeatureExtractor
 
-            _EXTRACTORS[key] = LockedExtractor(FeatureExtractor(str(model), device=device))
+            _EXTRACTORS[key] = LockedExtractor(FeatureExtractor(str(model), device=device, backend=backend))
         return _EXTRACTORS[key]
 
 
