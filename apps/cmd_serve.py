@@ -37,11 +37,41 @@ def serve_command(
         str, typer.Option("--backend", help="auto | torch | onnxruntime | openvino | tensorrt (what runs the network).")
     ] = "auto",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, max=256, help="Most frames in one forward pass (1: no batching).")
+    ] = 8,
+    max_delay_ms: Annotated[
+        float, typer.Option("--max-delay-ms", min=0, max=1000, help="Longest a request waits for its batch to fill.")
+    ] = 5.0,
+    max_queue: Annotated[
+        int | None, typer.Option("--max-queue", min=1, help="Requests waiting for the network (default 4 x --max-batch); "
+                                 "503 with Retry-After beyond.")
+    ] = None,
+    deadline: Annotated[
+        float, typer.Option("--deadline", min=0.001, help="Seconds from a request's head to its answer; 504 past it.")
+    ] = 30.0,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", min=0.001, help="Seconds for the request head after connecting, and for "
+                            "the body after the head; 408 and the connection closed past it.")
+    ] = 10.0,
+    per_client: Annotated[
+        int, typer.Option("--per-client", min=1, help="Requests in progress per client address; 429 beyond.")
+    ] = 100,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", min=1, help="Open connections in all; uvicorn answers 503 beyond.")
+    ] = 1000,
 ) -> None:
-    """Serve dense features over HTTP: POST /features (npy or PCA PNG), GET /health, GET /model, /docs."""
-    from densekit.serve.extractor import FeatureExtractor
-    from densekit.serve.http import is_loopback, serve
+    """Serve dense features over HTTP: POST /features (npy or PCA PNG), GET /health, GET /model, /docs.
 
+    Requests that arrive together run as one batch (dynamic batching: --max-batch, --max-delay-ms).
+    """
+    from densekit.serve.extractor import FeatureExtractor
+    from densekit.serve.http import Limits, is_loopback, serve
+
+    limits = Limits(max_bytes=max_bytes, max_side=max_side, read_timeout_s=body_timeout, per_client=per_client,
+                    max_connections=max_connections, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                    max_queue=max_queue, deadline_s=deadline)
+    limits.check()
     # Load before binding: a bad --model is one line and exit 2, not a half-started server.
     extractor = FeatureExtractor(model, device=None if device == "auto" else device, backend=backend)
     if not is_loopback(host):
@@ -51,7 +81,7 @@ def serve_command(
             err=True,
         )
     typer.echo(f"serving {extractor.meta.name}: POST /features, GET /health, GET /model, docs at /docs", err=True)
-    serve(extractor, host=host, port=port, max_bytes=max_bytes, max_side=max_side, log_level=log_level)
+    serve(extractor, host=host, port=port, limits=limits, log_level=log_level)
 
 
 def register(app: typer.Typer) -> None:
