@@ -12,7 +12,8 @@ assumed: ``provider`` is ``"openvino:CPU:bf16"`` or ``"openvino:CPU:f32"``.
 The contract: OpenVINO's ONNX frontend copies an ONNX file's ``metadata_props`` into the model's rt_info
 under ``framework``, so an ``.onnx`` exported by densekit carries its :class:`ModelMeta` at
 ``framework/densekit``; an IR written by ``densekit export openvino`` carries it at ``densekit/meta``
-(inside ``model.xml``), with the export's settings at ``densekit/export``.
+(inside ``model.xml``), with the export's settings at ``densekit/export``. (An IR that OpenVINO's own ``ovc``
+converted from a densekit ``.onnx`` keeps ``framework/densekit``, so it is read too.)
 
 ``openvino`` is an optional extra (``pip install 'densekit[openvino]'``), imported only here and only when
 used; without it, one DensekitError line says what to install.

@@ -12,17 +12,15 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("openvino", reason="openvino (the optional extra densekit[openvino]) is not installed")
-
-from densekit.apps.cli import main  # noqa: E402
-from densekit.export.onnx import EXPORT_KEY, export_onnx  # noqa: E402
-from densekit.export.openvino import export_openvino  # noqa: E402
-from densekit.export.parity import compare, real_images  # noqa: E402
-from densekit.serve import openvino_backend  # noqa: E402
-from densekit.serve.errors import DensekitError  # noqa: E402
-from densekit.serve.extractor import FeatureExtractor  # noqa: E402
-from densekit.serve.loader import backend_for  # noqa: E402
-from densekit.serve.onnx_meta import read_onnx_meta  # noqa: E402
+from densekit.apps.cli import main
+from densekit.export.onnx import EXPORT_KEY, export_onnx
+from densekit.export.openvino import export_openvino
+from densekit.export.parity import compare, real_images
+from densekit.serve import openvino_backend
+from densekit.serve.errors import DensekitError
+from densekit.serve.extractor import FeatureExtractor
+from densekit.serve.loader import backend_for
+from densekit.serve.onnx_meta import read_onnx_meta
 
 
 def _quiet(_message: str) -> None:
@@ -30,11 +28,18 @@ def _quiet(_message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("openvino") / "r18.onnx"
+    export_onnx("resnet18", path, log=_quiet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(onnx_model: Path) -> dict[str, Path]:
     """resnet18 as ONNX and as an f32 IR written through the CLI (the export command's own test)."""
-    root = tmp_path_factory.mktemp("openvino")
-    onnx_path, ir = root / "r18.onnx", root / "r18-ir"
-    export_onnx("resnet18", onnx_path, log=_quiet)
+    pytest.importorskip("openvino", reason="openvino (the optional extra densekit[openvino]) is not installed")
+    root = onnx_model.parent
+    onnx_path, ir = onnx_model, root / "r18-ir"
     rc = main(["export", "openvino", str(onnx_path), "--out", str(ir), "--precision", "f32", "--threads", "1"])
     assert rc == 0
     return {"onnx": onnx_path, "ir": ir, "root": root}
@@ -48,6 +53,8 @@ def test_export_command_writes_an_ir_checked_on_photos(models: dict[str, Path], 
     assert len(re.findall(r"parity \d+x\d+ batch \d \(openvino:CPU:f32 vs onnxruntime\).*cosine 1\.0000", out)) == 2
     assert "wrote " in out and "dynamic batch/height/width" in out
     assert main(["export", "openvino", str(models["onnx"]), "--out", str(again), "--precision", "f32"]) == 0  # replaced
+    report = export_openvino("pixels", models["root"] / "px-ir", precision="f32", log=_quiet)  # a name: vs torch
+    assert report.reference == "torch" and len(report.parity) == 2 and report.precision == "f32"
 
 
 def test_parity_to_onnxruntime_at_two_sizes(models: dict[str, Path]) -> None:
@@ -67,8 +74,12 @@ def test_parity_to_onnxruntime_at_two_sizes(models: dict[str, Path]) -> None:
 
 
 def test_contract_and_precision_are_carried_through_the_ir(models: dict[str, Path]) -> None:
+    import openvino as ov
+
     ext = FeatureExtractor(models["ir"], threads=1)
     assert ext.meta == read_onnx_meta(models["onnx"])
+    written = ov.Core().read_model(str(models["ir"] / "model.xml"))  # at densekit/meta, not only the ONNX frontend's copy
+    assert openvino_backend.rt_text(written, openvino_backend.RT_META) == ext.meta.to_json()
     assert ext.backend.export_info["precision"] == "f32"  # recorded by the export, applied when served
     assert ext.provider == "openvino:CPU:f32"
     precision = ext.backend.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -101,15 +112,15 @@ def test_auto_takes_openvino_only_on_a_bf16_cpu_for_float32_graphs(models: dict[
     assert EXPORT_KEY == openvino_backend.ONNX_EXPORT_KEY  # serve reads the key export writes
 
 
-def test_missing_openvino_is_one_line(models: dict[str, Path], monkeypatch, capsys) -> None:
+def test_missing_openvino_is_one_line(onnx_model: Path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
     with pytest.raises(DensekitError, match=r"OpenVINO is not installed: pip install 'densekit\[openvino\]'"):
-        FeatureExtractor(models["onnx"], backend="openvino")
-    assert main(["export", "openvino", str(models["onnx"]), "--out", str(models["root"] / "none")]) == 2
+        FeatureExtractor(onnx_model, backend="openvino")
+    assert main(["export", "openvino", str(onnx_model), "--out", str(onnx_model.parent / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: OpenVINO is not installed") and len(err.splitlines()) == 1
     monkeypatch.setattr(openvino_backend, "cpu_has_bf16", openvino_backend.cpu_has_bf16.__wrapped__)
-    assert backend_for(models["onnx"], "auto") == "onnxruntime"  # auto without openvino keeps ONNX Runtime
+    assert backend_for(onnx_model, "auto") == "onnxruntime"  # auto without openvino keeps ONNX Runtime
 
 
 def test_an_ir_without_contract_is_one_line(models: dict[str, Path], tmp_path: Path) -> None:
