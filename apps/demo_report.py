@@ -255,7 +255,7 @@ def report_markdown(demo: Any, parts: dict[str, Any], images: dict[str, str], *,
     spec = opts.sample_spec
     steps = demo.manifest.data["steps"]
     total = sum(float(e.get("seconds", 0.0)) for k, e in steps.items() if e.get("done") and k != "report")
-    cmd = "densekit demo --out " + str(opts.out) + (" --fast" if opts.fast else f" --minutes {opts.minutes:g}") + \
+    cmd = "densekit demo --out " + str(opts.out) + (" --fast" if opts.fast else f" --minutes {opts.minutes:g} --clock {opts.clock}") + \
         f" --objective {opts.objective} --backbone {opts.backbone}"
     L: list[str] = []
     L.append("# densekit demo report\n")
@@ -279,11 +279,17 @@ def report_markdown(demo: Any, parts: dict[str, Any], images: dict[str, str], *,
     L.append(f"`make_sample`: {spec.sequences} sequences x {spec.frames} frames at {spec.width}x{spec.height} "
              f"(seed {opts.seed}) in `sample/`: train {', '.join(sample['train'])}; val {', '.join(sample['val'])}.\n")
     L.append("## 2. Training\n")
-    budget = f"{opts.train_spec.steps} steps (--fast)" if opts.fast else f"{opts.minutes:g} min of wall clock"
+    clock = "CPU time of the training process" if train.get("clock") == "cpu" else "wall clock"
+    budget = f"{opts.train_spec.steps} steps (--fast)" if opts.fast else (
+        f"{opts.minutes:g} min of {clock} (used {float(train.get('budget_seconds') or 0):.0f} s of it, "
+        f"{float(train.get('train_seconds') or 0):.0f} s wall)")
     why = "" if opts.objective != default_objective else (
-        " (the default: the objective that learned most per unit of training time in the 2-minute run of "
-        "`benchmarks/train_quality.py`)")
-    L.append(f"`{opts.objective}`{why} on `{opts.backbone}`, budget {budget}: {train['steps']} steps of "
+        " (the default: it learned most from scratch in `benchmarks/train_quality.py`, and fine-tuned the "
+        "pretrained Lite0 above its start on davis2016-val12)")
+    how = ("fine-tuning the ImageNet-pretrained start with the recipe of "
+           "`train/configs/hiergroup_finetune_lite0.yaml` (stem and first two stages frozen, the rest at a tenth "
+           "of the heads' learning rate)" if getattr(opts, "finetune", False) else "training")
+    L.append(f"`{opts.objective}`{why} on `{opts.backbone}`, {how}; budget {budget}: {train['steps']} steps of "
              f"batch {train['batch_size']} at {train['crop']}x{train['crop']} on the train split, "
              f"{train['samples_per_s']:.2f} samples/s, last logged loss "
              + (f"{train['loss']:.4f}" if train.get("loss") is not None else "-")

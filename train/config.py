@@ -244,11 +244,31 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (empty file -> {})."""
+#: the CPU-sized configs shipped with densekit (installed as package data, so a pip install has them too)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs in :data:`CONFIG_DIR` (without ``.yaml``), sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped config of that name (``hiergroup_finetune_lite0``
+    or ``hiergroup_finetune_lite0.yaml``); neither -> one line naming the shipped ones."""
     p = Path(path)
-    if not p.is_file():
-        raise DensekitError(f"config file not found: {p}")
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if len(p.parts) == 1 and shipped.is_file():
+        return shipped
+    raise DensekitError(f"config file not found: {p} (shipped configs: {', '.join(shipped_configs())})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (or a shipped config by name, see :func:`resolve_config_path`) into a dict
+    (empty file -> {})."""
+    p = resolve_config_path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
