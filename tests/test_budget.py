@@ -83,9 +83,15 @@ def test_replan_resizes_from_the_loops_rate_at_its_points() -> None:
     now = 30.0
     assert r.due(20) is None  # between the points
     now = 50.0
-    assert r.due(25) == (50, 2.0)  # slower now: 2 s/step, 25 more steps
+    assert r.due(30) == (55, 2.0)  # slower since the last re-plan: 2 s/step, 25 more steps
     now = 90.0
     assert r.due(40) is None  # no points left
+    r, now = Replan(b, cap=1000, at=(0.1, 0.5), min_steps=4), 0.0
+    r.start(0)
+    now = 40.0
+    assert r.due(10) == (25, 4.0)  # a slow start: 4 s/step
+    now = 50.0
+    assert r.due(20) == (70, 1.0)  # the machine got faster: the rate since the last re-plan, not since the start
     r, now = Replan(b, cap=12), 0.0
     r.start(0)
     now = 60.0
