@@ -144,8 +144,10 @@ def test_click_track_download_and_score(app, client, tmp_path: Path) -> None:
     overlays = [o[0] for o in outputs if isinstance(o[0], str)]
     assert len(overlays) == n - 1  # one live overlay per tracked frame
     fps_lines = [o[1] for o in outputs if isinstance(o[1], str) and "fps" in o[1]]
-    assert fps_lines and f"frame {n}/{n}" in fps_lines[-1]
+    # frames are numbered from 0 everywhere: the fps line names the last frame as the status does
+    assert fps_lines and f"frame {n - 1} of 0–{n - 1}" in fps_lines[-1]
     assert outputs[-1][2].startswith(f"Done at frame {n - 1}")
+    assert outputs[-1][3] == n - 1  # the slider followed the tracked frames
 
     masks = _read_zip(client.predict(api_name="/download_masks")[0])
     assert _mean_j(masks, gt, 2, range(1, n), uploaded) >= FLOOR_TRACK
@@ -194,13 +196,19 @@ def test_stop_then_correct_and_continue(app, client, tmp_path: Path) -> None:
     assert final[2].startswith("Stopped at frame ")
     k = int(final[2].split("frame ")[1].split(" ")[0])
     assert 1 <= k < n - 1
-    assert final[3]["value"] == k  # the slider moves to where tracking stopped
-    # ... and the brush paints on that frame, as the frame view shows it
+    assert final[3] == k  # the slider is where tracking stopped, the frame the last fps line named
+    fps_lines = [o[1] for o in job.outputs() if isinstance(o[1], str) and "fps" in o[1]]
+    assert f"frame {k} of 0–{n - 1}" in fps_lines[-1], (final[2], fps_lines[-1])
+    # ... the viewer shows that frame's overlay (the last live picture), and the brush paints on that frame
+    import cv2
     from PIL import Image
 
-    shown = np.asarray(Image.open(final[4]).convert("RGB"), dtype=np.int16)
-    brush_bg = np.asarray(Image.open(final[5]["background"]).convert("RGB"), dtype=np.int16)
-    first = read_image(app.root.frame_paths(seq)[0]).astype(np.int16)
+    shown_path = [o[0] for o in job.outputs() if isinstance(o[0], str)][-1]
+    shown = np.asarray(Image.open(shown_path).convert("RGB"), dtype=np.int16)
+    editor = client.predict(k, True, api_name="/brush_mode")[1]["value"]
+    brush_bg = np.asarray(Image.open(editor["background"]).convert("RGB"), dtype=np.int16)
+    first = read_image(app.root.frame_paths(seq)[0])
+    first = cv2.resize(first, shown.shape[1::-1], interpolation=cv2.INTER_LINEAR).astype(np.int16)
     assert brush_bg.shape == shown.shape == first.shape
     # Lossy transport (webp) leaves a few levels of difference; frame 0 is far further away.
     assert np.abs(brush_bg - shown).mean() < 0.25 * np.abs(first - shown).mean()
@@ -280,7 +288,9 @@ def test_bad_input_is_a_message_and_the_session_goes_on(app, client, tmp_path: P
     assert (
         "Loaded small.mp4: 3 frames" in client.predict(handle(str(tmp_path / "small.mp4")), api_name="/load_video")[0]
     )
-    assert "video not found" in client.predict(str(tmp_path / "nowhere"), api_name="/load_frames")[0]
+    # a path typed on the server is named in full, as a folder or a video file
+    msg = client.predict(str(tmp_path / "nowhere"), api_name="/load_frames")[0]
+    assert f"No folder or video file at {tmp_path / 'nowhere'}" in msg, msg
 
     client.predict(app.seqs[0], api_name="/load_sample")
     assert "has no object" in _track(client)[-1][2]

@@ -8,12 +8,19 @@ tab modules densekit.apps.app.tab_*, the contract with this test): Gradio 6 puts
 component's wrapper, so the test reaches inside (``#frame-image img``).
 
 What is checked, as a person would do it: pick a sample in the dropdown, load it, click the object on the
-first frame, track, watch the live overlay change and the fps text, download the masks zip and score it
-against the sample's ground truth (DAVIS J, the official region similarity); a click before any video shows a
-message and the session keeps working; two pages (two browser contexts, two sessions) tracking different
-videos at once keep their own state; a denied webcam says so in the page; a granted (fake) webcam streams.
+first frame, track, watch the live overlay play in the same viewer and the fps text, download the masks zip
+and score it against the sample's ground truth (DAVIS J, the official region similarity); tracking again or
+loading another video takes the stale download away and resets the click mode; a page with no video shows
+the three steps and a click on it says what is missing; a frame number typed in the slider's box is shown at
+once and the next click selects on it, and Play walks the frames; at 1280x800 the viewer, its status and
+slider and every control of a session are visible without scrolling (bounding boxes), and the brush editor
+appears only when asked for; 20 Stop/Track cycles never leave a broken picture in the viewer; tracking a
+video made of two sample clips pauses at the cut, and goes on after a new click on the new shot; two pages
+(two browser contexts, two sessions) tracking different videos at once keep their own state; a denied
+webcam says so in the page; a granted (fake) webcam streams.
 
-A screenshot of the tracked page is kept in ``tests/artifacts/`` (or ``$DENSEKIT_ARTIFACTS``).
+A screenshot of the Track tab after tracking, at 1280x800 as a person sees it, is kept in ``tests/artifacts/``
+(or ``$DENSEKIT_ARTIFACTS``).
 """
 
 from __future__ import annotations
@@ -70,9 +77,10 @@ FLOOR_J = 0.5  # mean J of the tracked frames after the click
 # single-reference propagation at 144 px, not of the app). Mixed sessions would give a session the other
 # video's masks: J ~0 against its own truth. 0.3 separates the two with margin.
 FLOOR_ISOLATION = 0.3
-TIMEOUT_MS = 180_000  # per wait: the 2 cores may be shared with other jobs
+TIMEOUT_MS = int(os.environ.get("DENSEKIT_BROWSER_TIMEOUT_MS", 180_000))  # per wait: the 2 cores may be shared
 FPS_RE = re.compile(r"(\d+(?:\.\d+)?)\s*fps", re.I)
-FRAME_RE = re.compile(r"frame\s+(\d+)\s*/\s*(\d+)", re.I)
+FRAME_RE = re.compile(r"frame\s+(\d+)\s+of\s+0\D(\d+)", re.I)  # the fps line: "frame 7 of 0–11"
+VIEWPORT = {"width": 1280, "height": 800}  # the window every page is tested in
 DENIED_RE = re.compile(r"denied|not allowed|permission|blocked", re.I)
 
 
@@ -136,13 +144,25 @@ def _initial_value(url: str, elem_id: str) -> str:
     raise AssertionError(f"the app has no #{elem_id}")
 
 
-def _new_page(browser: Browser, url: str, **context_args: Any) -> tuple[BrowserContext, Page]:
-    ctx = browser.new_context(viewport={"width": 1280, "height": 1100}, accept_downloads=True, **context_args)
+def _new_page(browser: Browser, url: str, loaded: bool = True, **context_args: Any) -> tuple[BrowserContext, Page]:
+    """A page of the app in its own context (its own session), at 1280x800; ``loaded``: wait until the
+    default sample the page loads on open is shown."""
+    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True, **context_args)
     ctx.set_default_timeout(TIMEOUT_MS)
     page = ctx.new_page()
     page.goto(url)
     expect(page.locator("#track-btn")).to_be_visible(timeout=TIMEOUT_MS)
+    if loaded:
+        expect(page.locator("#status-md")).to_contain_text("Loaded", timeout=TIMEOUT_MS)
     return ctx, page
+
+
+def _shown_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(W, H) of the viewer's picture of frames of natural ``size`` = (W, H) (the app enlarges small videos)."""
+    from densekit.apps.app.display import display_scale
+
+    s = display_scale((size[1], size[0]))
+    return round(size[0] * s), round(size[1] * s)
 
 
 def _image_size(img) -> tuple[int, int]:
@@ -152,13 +172,20 @@ def _image_size(img) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def _click_pixel(img, x: float, y: float) -> None:
-    """Click an <img> at pixel (x, y) of its natural size.
+def _natural_width(img) -> int:
+    """The <img>'s natural width once decoded; 0 for a broken picture (decode() rejects)."""
+    return int(img.evaluate("async e => { try { await e.decode(); } catch (err) { return 0; } return e.naturalWidth; }"))
 
-    The picture is shown scaled (and centred when the box's aspect differs), so the point is mapped the way
-    Gradio 6's image select handler maps it back: r = min(box w / natural w, box h / natural h, 1).
+
+def _click_pixel(img, x: float, y: float, size: tuple[int, int]) -> None:
+    """Click an <img> at pixel (x, y) of the video frame it shows (natural frame ``size`` = (W, H)).
+
+    The picture is the frame scaled for display, then shown scaled (and centred when the box's aspect
+    differs), so the point is mapped the way Gradio 6's image select handler maps it back:
+    r = min(box w / natural w, box h / natural h, 1).
     """
     nw, nh = _image_size(img)
+    x, y = x * nw / size[0], y * nh / size[1]
     box = img.bounding_box()
     assert box is not None, "the image is not laid out"
     r = min(box["width"] / nw, box["height"] / nh, 1.0)
@@ -172,10 +199,31 @@ def _load_sample(page: Page, name: str, size: tuple[int, int]) -> None:
     dd.locator("input").click()
     dd.get_by_role("option", name=name, exact=True).click()
     expect(dd.locator("input")).to_have_value(name, timeout=TIMEOUT_MS)
+    old = page.locator("#status-md").inner_text()
+    assert f"Loaded {name}:" not in old, "load another sample than the one shown (the status would not change)"
     page.locator("#load-sample-btn").click()
+    page.wait_for_function(
+        "([old, name]) => { const t = document.querySelector('#status-md').innerText;"
+        " return t !== old && t.includes('Loaded ' + name + ':'); }",
+        arg=[old, name], timeout=TIMEOUT_MS,
+    )
     img = page.locator("#frame-image img")
     expect(img).to_be_visible(timeout=TIMEOUT_MS)
-    assert _image_size(img) == size, "the frame shown is not the sample's frame"
+    assert _image_size(img) == _shown_size(size), "the frame shown is not the sample's frame"
+
+
+def _load_server_path(page: Page, path: Path) -> None:
+    """Load a frames folder through the (folded) server-path box and wait for the load's status."""
+    box = page.locator("#frames-dir textarea, #frames-dir input").first
+    if not box.is_visible():
+        page.locator("#server-path").get_by_text("A frames folder or video file on the server").click()
+    box.fill(str(path))
+    old = page.locator("#status-md").inner_text()
+    page.locator("#load-dir-btn").click()
+    page.wait_for_function(
+        "old => { const t = document.querySelector('#status-md').innerText; return t !== old && /Loaded/.test(t); }",
+        arg=old, timeout=TIMEOUT_MS,
+    )
 
 
 def _toasts(page: Page) -> list[str]:
@@ -199,31 +247,52 @@ def _wait_src_change(page: Page, selector: str, old: str | None) -> None:
     assert outcome == "changed", f"{selector} did not change; the page says: {outcome}"
 
 
-def _watch_tracking(page: Page) -> None:
-    """Record every distinct overlay picture and fps text the page shows from now on (window.__dk)."""
+def _watch(page: Page) -> None:
+    """Record, from now on, every distinct viewer picture, fps text and status line the page shows
+    (window.__dk: srcs, texts, log of 's:<status>' / 'f:<fps text>' in the order they came)."""
     page.evaluate(
         """() => {
-        const dk = window.__dk = {srcs: [], texts: []};
-        const ov = document.querySelector('#overlay-image'), fp = document.querySelector('#fps-text');
+        const dk = window.__dk = {srcs: [], texts: [], log: []};
+        const tab = document.querySelector('#tab-track') || document.body;
+        const fp = document.querySelector('#fps-text'), st = document.querySelector('#status-md');
         const rec = () => {
-            const im = ov.querySelector('img');
+            const im = document.querySelector('#frame-image img');
             if (im && im.src && dk.srcs[dk.srcs.length - 1] !== im.src) dk.srcs.push(im.src);
             const t = fp.innerText.trim();
-            if (t && dk.texts[dk.texts.length - 1] !== t) dk.texts.push(t);
+            if (t && dk.texts[dk.texts.length - 1] !== t) { dk.texts.push(t); dk.log.push('f:' + t); }
+            const s = st.innerText.trim();
+            if (s && dk.last_status !== s) { dk.last_status = s; dk.log.push('s:' + s); }
         };
-        new MutationObserver(rec).observe(ov, {subtree: true, childList: true, attributes: true});
-        new MutationObserver(rec).observe(fp, {subtree: true, childList: true, characterData: true});
+        new MutationObserver(rec).observe(tab, {subtree: true, childList: true, attributes: true, characterData: true});
     }"""
     )
 
 
+def _wait_log(page: Page, start: int, pattern: str) -> str:
+    """Wait until an entry of window.__dk.log from index ``start`` on matches ``pattern``; that entry."""
+    return page.wait_for_function(
+        "([start, pat]) => window.__dk.log.slice(start).find(e => new RegExp(pat).test(e)) || false",
+        arg=[start, pattern], timeout=TIMEOUT_MS,
+    ).json_value()
+
+
 def _wait_tracked(page: Page, n: int) -> None:
-    """Wait until the fps text says the last frame (``frame n/n``)."""
-    page.wait_for_function(
-        "n => { const m = /frame\\s+(\\d+)\\s*\\/\\s*(\\d+)/i.exec(document.querySelector('#fps-text').innerText);"
-        " return m && +m[1] === n && +m[2] === n; }",
-        arg=n, timeout=TIMEOUT_MS,
-    )
+    """Wait until the status says tracking is done at the last frame (frame n - 1, numbered from 0)."""
+    expect(page.locator("#status-md")).to_contain_text(f"Done at frame {n - 1}", timeout=TIMEOUT_MS)
+
+
+def _track_from(page: Page, frame: int) -> None:
+    """Type ``frame`` in the slider's number box and press Track."""
+    _type_frame(page, frame)
+    page.locator("#track-btn").click()
+
+
+def _type_frame(page: Page, frame: int) -> None:
+    """Type a frame number in the slider's box (no Enter, no blur: as a person types)."""
+    box = page.locator("#frame-slider input[type=number]")
+    box.click()
+    box.press("Control+a")
+    box.press_sequentially(str(frame))
 
 
 def _download_masks(page: Page, dest: Path) -> Path:
@@ -239,8 +308,22 @@ def _download_masks(page: Page, dest: Path) -> Path:
 
 def _upload_mask(page: Page, path: Path) -> None:
     old = page.locator("#frame-image img").get_attribute("src")
-    page.locator("#mask-upload input[type=file]").set_input_files(str(path))
+    with page.expect_file_chooser() as chooser:  # an upload button: its file input is not inside #mask-upload
+        page.locator("#mask-upload").click()
+    chooser.value.set_files(str(path))
     _wait_src_change(page, "#frame-image img", old)  # the frame is shown again with the mask overlaid
+
+
+def _in_view(page: Page, selector: str) -> dict:
+    """The element's bounding box, asserting it lies inside the 1280x800 window with the page not scrolled."""
+    el = page.locator(selector).first
+    expect(el).to_be_visible(timeout=TIMEOUT_MS)
+    box = el.bounding_box()
+    assert box is not None, f"{selector} is not laid out"
+    assert page.evaluate("() => [window.scrollX, window.scrollY]") == [0, 0]
+    inside = box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= VIEWPORT["width"]
+    assert inside and box["y"] + box["height"] <= VIEWPORT["height"], f"{selector} at {box}: outside 1280x800"
+    return box
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -258,6 +341,19 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     root = DavisRoot(sample)
     try:
         yield SimpleNamespace(url=url, root=root, seqs=root.sequences())
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def bare_app(app) -> Iterator[str]:
+    """The app without samples (a page that opens on nothing); the model is the one ``app`` loaded."""
+    from densekit.apps.app import build_app
+
+    demo = build_app("efficientnet_lite0", samples_dir=None, short_side=SIDE, max_frames=40)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    try:
+        yield url
     finally:
         demo.close()
 
@@ -284,45 +380,58 @@ def browser() -> Iterator[Browser]:
 
 
 def test_click_track_download_and_score(app, browser: Browser, tmp_path: Path) -> None:
+    """The whole session in one viewer; then tracking again, or loading another video, takes the stale
+    download away and puts the click mode back to Positive."""
     seq = app.seqs[0]
     gt = app.root.read_gt(seq)
     names = app.root.frame_names(seq)
     n, (H, W) = len(gt), gt.shape[1:]
     ctx, page = _new_page(browser, app.url)
     try:
-        status = page.locator("#status-md")
-
-        # a click before any video: the empty frame has nothing to select, Track says what is missing
-        page.locator("#frame-image").click()
-        page.locator("#track-btn").click()
-        expect(status).to_contain_text(re.compile(r"load a video", re.I), timeout=TIMEOUT_MS)
-
-        # the session still works: choose the sample in the dropdown and load it
-        _load_sample(page, seq, (W, H))
-
-        # one positive click deep inside a steady object of the first frame
+        # the page opened on the first sample, chosen in the dropdown
+        expect(page.locator("#sample-dropdown input")).to_have_value(seq)
+        expect(page.locator("#status-md")).to_contain_text(f"Loaded {seq}:")
+        assert _image_size(page.locator("#frame-image img")) == _shown_size((W, H))
         obj = max(_steady_objects(gt), key=lambda o: _deepest_point(gt[0] == o)[2])
         x, y, _ = _deepest_point(gt[0] == obj)
         frame_img = page.locator("#frame-image img")
         old = frame_img.get_attribute("src")
-        _click_pixel(frame_img, x, y)
+        _click_pixel(frame_img, x, y, (W, H))
         _wait_src_change(page, "#frame-image img", old)  # the frame comes back with the selection overlaid
 
-        _watch_tracking(page)
+        _watch(page)
         page.locator("#track-btn").click()
         _wait_tracked(page, n)
         seen = page.evaluate("window.__dk")
         fps_texts = [t for t in seen["texts"] if FRAME_RE.search(t) and FPS_RE.search(t)]
-        assert len(seen["srcs"]) >= 3, f"the live overlay changed only {len(seen['srcs'])} times while tracking"
+        assert len(seen["srcs"]) >= 3, f"the viewer changed only {len(seen['srcs'])} times while tracking"
         assert len(fps_texts) >= 3, f"fps text while tracking: {seen['texts']}"
         assert float(FPS_RE.search(fps_texts[-1]).group(1)) > 0, fps_texts[-1]
-        assert page.locator("#overlay-image img").evaluate("async e => { await e.decode(); return e.naturalWidth; }") > 0
+        # one frame numbering: the status, the fps line and the slider name the same last frame
+        assert FRAME_RE.search(fps_texts[-1]).groups() == (str(n - 1), str(n - 1)), fps_texts[-1]
+        expect(page.locator("#frame-slider input[type=number]")).to_have_value(str(n - 1))
+        assert _natural_width(frame_img) > 0
 
         masks = _read_zip(_download_masks(page, tmp_path / "masks.zip"))
-        # the artefact: the page after tracking and the download (overlay, fps text, the zip offered)
+        # the artefact: the Track tab as a person sees it after tracking (overlay, fps line, the zip offered)
         shot = _artifacts_dir() / "app_browser_track.png"
-        page.screenshot(path=str(shot), full_page=True)
+        page.screenshot(path=str(shot))
         assert shot.stat().st_size > 10_000
+
+        # tracking again: the zip of the last run is no longer offered, from the moment Track is pressed
+        _track_from(page, 0)
+        expect(page.locator("#masks-file")).to_be_hidden(timeout=TIMEOUT_MS)
+        _wait_tracked(page, n)
+        expect(page.locator("#masks-file")).to_be_hidden()
+        # another video: downloads, click mode and objects are the new video's
+        _download_masks(page, tmp_path / "again.zip")
+        page.locator("#click-mode").get_by_text("Negative").click()
+        page.locator("#new-object-btn").click()
+        expect(page.locator("#object-dropdown input")).to_have_value(re.compile("object 2"))
+        _load_sample(page, app.seqs[1], (W, H))
+        expect(page.locator("#masks-file")).to_be_hidden()
+        expect(page.locator("#click-mode input[value=Positive]")).to_be_checked()
+        expect(page.locator("#object-dropdown input")).to_have_value(re.compile("object 1"))
     finally:
         ctx.close()
 
@@ -334,6 +443,157 @@ def test_click_track_download_and_score(app, browser: Browser, tmp_path: Path) -
     frozen = np.mean([_j(gt[i] == obj, gt[0] == obj) for i in range(1, n)])
     assert click_iou >= FLOOR_CLICK, f"one click selected IoU {click_iou:.3f} of object {obj}"
     assert np.mean(js) >= FLOOR_J, f"tracked J mean {np.mean(js):.3f} (first mask left in place: {frozen:.3f}); per frame {np.round(js, 2)}"
+
+
+def test_empty_page_shows_the_steps_and_a_click_says_what_is_missing(bare_app, browser: Browser) -> None:
+    ctx, page = _new_page(browser, bare_app, loaded=False)  # an app without samples: nothing loads on open
+    try:
+        status = page.locator("#status-md")
+        expect(status).to_contain_text(re.compile(r"1\s*Load a video.*2\s*Click.*3\s*Press\s*Track", re.S))
+        img = page.locator("#frame-image img")
+        assert _natural_width(img) > 0  # the viewer shows the same three steps, and takes a click
+        img.click()
+        expect(status).to_contain_text("Load a video first", timeout=TIMEOUT_MS)
+        page.locator("#track-btn").click()
+        expect(status).to_contain_text("Load a video first", timeout=TIMEOUT_MS)
+    finally:
+        ctx.close()
+
+
+def test_typed_frame_is_shown_at_once_and_the_next_click_selects_on_it(app, browser: Browser) -> None:
+    seq = app.seqs[0]
+    gt = app.root.read_gt(seq)
+    (H, W), k = gt.shape[1:], 7
+    obj = max(_steady_objects(gt), key=lambda o: _deepest_point(gt[k] == o)[2])
+    x, y, _ = _deepest_point(gt[k] == obj)
+    ctx, page = _new_page(browser, app.url)
+    try:
+        img = page.locator("#frame-image img")
+        old = img.get_attribute("src")
+        _type_frame(page, k)
+        # shown while the box still has the focus (before any blur or Enter)
+        _wait_src_change(page, "#frame-image img", old)
+        assert page.evaluate("() => document.activeElement && document.activeElement.type") == "number"
+        expect(page.locator("#status-md")).to_contain_text(f"Frame {k}: no object")
+        shown = img.get_attribute("src")
+        _click_pixel(img, x, y, (W, H))  # this click also blurs the box: it must not be swallowed
+        expect(page.locator("#status-md")).to_contain_text(f"Frame {k}: positive click", timeout=TIMEOUT_MS)
+        _wait_src_change(page, "#frame-image img", shown)
+        # Play walks the frames in the viewer and the slider follows; Stop pauses it
+        _type_frame(page, 0)
+        expect(page.locator("#status-md")).to_contain_text("Frame 0:", timeout=TIMEOUT_MS)
+        page.locator("#play-btn").click()
+        page.wait_for_function(
+            "() => +document.querySelector('#frame-slider input[type=number]').value >= 3", timeout=TIMEOUT_MS
+        )
+        page.locator("#stop-btn").click()
+        expect(page.locator("#status-md")).to_contain_text(re.compile(r"Paused at frame \d+"), timeout=TIMEOUT_MS)
+        paused = int(re.search(r"Paused at frame (\d+)", page.locator("#status-md").inner_text()).group(1))
+        expect(page.locator("#frame-slider input[type=number]")).to_have_value(str(paused))
+    finally:
+        ctx.close()
+
+
+def test_viewer_and_controls_fit_1280x800_and_the_brush_comes_when_asked(app, browser: Browser) -> None:
+    ctx, page = _new_page(browser, app.url)
+    try:
+        viewer = _in_view(page, "#frame-image img")
+        status = _in_view(page, "#status-md")
+        track = _in_view(page, "#track-btn")
+        for sel in ("#frame-slider", "#stop-btn", "#play-btn", "#object-dropdown", "#new-object-btn", "#click-mode",
+                    "#brush-toggle", "#download-masks-btn", "#download-video-btn", "#sample-dropdown",
+                    "#load-sample-btn", "#video-upload"):
+            _in_view(page, sel)
+        assert track["x"] >= viewer["x"] + viewer["width"] - 1, "the controls sit beside the viewer"
+        assert status["y"] + status["height"] <= viewer["y"] + 1, "the status line sits right above the viewer"
+        assert viewer["width"] >= 500 and viewer["height"] >= 250, f"a small viewer: {viewer}"
+        expect(page.locator("#brush-editor")).to_be_hidden()
+        page.locator("#brush-toggle input").check()
+        editor = _in_view(page, "#brush-editor")  # in the viewer's place
+        expect(page.locator("#frame-image")).to_be_hidden()
+        _in_view(page, "#use-brush-btn")
+        assert abs(editor["x"] - viewer["x"]) < 40 and editor["y"] < viewer["y"] + 100, (editor, viewer)
+        page.locator("#brush-toggle input").uncheck()
+        expect(page.locator("#brush-editor")).to_be_hidden(timeout=TIMEOUT_MS)
+        _in_view(page, "#frame-image img")
+    finally:
+        ctx.close()
+
+
+def test_twenty_stop_track_cycles_never_break_the_viewer(app, browser: Browser) -> None:
+    cycles = 20
+    ctx, page = _new_page(browser, app.url)
+    try:
+        page.locator("#sample-gt-btn").click()  # the sample's own masks of frame 0: a quick selection
+        expect(page.locator("#status-md")).to_contain_text("the sample's", timeout=TIMEOUT_MS)
+        _watch(page)
+        img = page.locator("#frame-image img")
+        ends = []
+        for c in range(cycles):
+            mark = page.evaluate("window.__dk.log.length")
+            _track_from(page, 0)
+            _wait_log(page, mark, r"^f:.*fps|^s:(Stopped|Done) at frame")  # a tracked frame is on screen
+            page.locator("#stop-btn").click()
+            end = _wait_log(page, mark, r"^s:(Stopped|Done) at frame \d+")
+            width = _natural_width(img)
+            assert width > 0, f"cycle {c + 1}: the viewer shows a broken picture after '{end}'"
+            log = page.evaluate("window.__dk.log")[mark:]
+            fps = [e for e in log if e.startswith("f:") and FRAME_RE.search(e)]
+            stopped = int(re.search(r"at frame (\d+)", end).group(1))
+            if fps:  # one numbering: the last frame the fps line named is where the status says it stopped
+                assert int(FRAME_RE.search(fps[-1]).group(1)) == stopped, (end, fps[-1])
+            ends.append(end.split(" (")[0])
+        assert len(ends) == cycles
+    finally:
+        ctx.close()
+
+
+def test_scene_cut_pauses_tracking_and_it_goes_on_after_a_new_click(app, browser: Browser, tmp_path: Path) -> None:
+    """A video made of the two sample clips one after the other: tracking stops at the first frame of the
+    second, says so, shows it; a click there and Track go on to the end."""
+    from PIL import Image
+
+    from densekit.serve.imageio import read_image, write_mask
+
+    a, b = app.seqs[:2]
+    folder = tmp_path / "two-shots"
+    folder.mkdir()
+    paths = app.root.frame_paths(a) + app.root.frame_paths(b)
+    for k, p in enumerate(paths):
+        Image.fromarray(read_image(p)).save(folder / f"{k:05d}.png")
+    cut, n = len(app.root.frame_paths(a)), len(paths)
+    gt_a, gt_b = app.root.read_gt(a), app.root.read_gt(b)
+    obj_a = _steady_objects(gt_a)[0]
+    write_mask(tmp_path / "first.png", (gt_a[0] == obj_a).astype(np.uint8))
+    obj_b = max(_steady_objects(gt_b), key=lambda o: _deepest_point(gt_b[0] == o)[2])
+    x, y, _ = _deepest_point(gt_b[0] == obj_b)
+    H, W = gt_a.shape[1:]
+    ctx, page = _new_page(browser, app.url)
+    try:
+        _load_server_path(page, folder)
+        _upload_mask(page, tmp_path / "first.png")
+        img = page.locator("#frame-image img")
+        page.locator("#track-btn").click()
+        status = page.locator("#status-md")
+        expect(status).to_contain_text(f"Scene cut at frame {cut}", timeout=TIMEOUT_MS)
+        expect(page.locator("#frame-slider input[type=number]")).to_have_value(str(cut))
+        assert f"frame {cut - 1} of 0" in page.locator("#fps-text").inner_text()  # the last frame tracked
+        old = img.get_attribute("src")
+        _click_pixel(img, x, y, (W, H))
+        expect(status).to_contain_text(f"Frame {cut}: positive click", timeout=TIMEOUT_MS)
+        _wait_src_change(page, "#frame-image img", old)
+        page.locator("#track-btn").click()
+        _wait_tracked(page, n)
+        masks = _read_zip(_download_masks(page, tmp_path / "masks.zip"))
+    finally:
+        ctx.close()
+    names = sorted(masks)
+    assert len(names) == n and all(masks[names[i]].any() for i in range(n)), "every frame of both shots holds a mask"
+    first = np.mean([_j(gt_a[i] == obj_a, masks[names[i]] == 1) for i in range(1, cut)])
+    assert first >= FLOOR_J, f"first shot: J {first:.3f}"
+    # the click selected on the new shot's first frame, where it was made (how well one click fits an object
+    # is apps/app/selection.py's matter, measured elsewhere: on this starfield clip it over-selects)
+    assert masks[names[cut]][y, x] == 1, "the click on the new shot did not select on its first frame"
 
 
 def test_two_sessions_track_different_videos_at_once(app, browser: Browser, tmp_path: Path) -> None:
@@ -355,12 +615,11 @@ def test_two_sessions_track_different_videos_at_once(app, browser: Browser, tmp_
             ctx, page = _new_page(browser, app.url)
             pages.append((ctx, page))
             H, W = r.gt.shape[1:]
-            if k == 0:
-                _load_sample(page, r.seq, (W, H))
+            if k == 0:  # the sample the page opens on
+                expect(page.locator("#status-md")).to_contain_text(f"Loaded {r.seq}:")
             else:  # the other way in: the sequence's frames folder on the server
-                page.locator("#frames-dir textarea, #frames-dir input").first.fill(str(app.root.frame_paths(r.seq)[0].parent))
-                page.locator("#load-dir-btn").click()
-                assert _image_size(page.locator("#frame-image img")) == (W, H)
+                _load_server_path(page, app.root.frame_paths(r.seq)[0].parent)
+                assert _image_size(page.locator("#frame-image img")) == _shown_size((W, H))
             _upload_mask(page, r.png)
         for _, page in pages:  # both run at the same time
             page.locator("#track-btn").click()
@@ -407,7 +666,8 @@ def test_denied_webcam_says_so_and_page_keeps_working(app, browser: Browser) -> 
         # the session keeps working: the Track tab still answers
         page.locator("#tab-track-button").click()
         page.locator("#track-btn").click()
-        expect(page.locator("#status-md")).to_contain_text(re.compile(r"load a video", re.I), timeout=TIMEOUT_MS)
+        # (the page opened on the default sample, where nothing is selected yet)
+        expect(page.locator("#status-md")).to_contain_text("has no object", timeout=TIMEOUT_MS)
     finally:
         ctx.close()
 

@@ -9,7 +9,8 @@ Rooms (modules of this package; only the ``tab_*`` modules and :mod:`.blocks`' `
 * ``selection``: click -> mask (superpixels, pooled features, Otsu threshold, connected parts); brush and
   uploaded masks. numpy / SciPy / scikit-image / OpenCV only.
 * ``engine``: the shared model behind one lock, the propagation preset, limits, samples, index opening.
-* ``video``: a loaded video as a memory map; the masks zip. ``display``: labels, colours, fitting to the page.
+* ``video``: a loaded video as a memory map; the masks zip. ``display``: labels, colours, fitting to the page,
+  the header's plain words. ``scene_cut``: where a new shot begins (colour-histogram jump).
 * ``track_session`` / ``webcam_session``: one browser session's state per tab, the tracking loops.
 * ``search``: index building and search by a click.
 * ``handlers``: the error-reporting decorator every handler uses (an exception becomes a warning toast and
@@ -19,15 +20,21 @@ Rooms (modules of this package; only the ``tab_*`` modules and :mod:`.blocks`' `
 
 Tabs (element ids are the contract with the browser test, tests/test_app_browser.py):
 
-* **Track**: load a video (upload, a bundled sample sequence made by ``make_sample``, or a frames folder /
-  video file on the server); pick objects on any frame by positive/negative clicks (:func:`click_mask`:
-  cosine similarity of superpixel-pooled features to the clicked superpixels, an Otsu threshold over
-  superpixels, and the connected parts under the clicks), by brush (``gr.ImageEditor``) or by uploading a
-  mask; several objects, each its DAVIS colour. Tracking (:meth:`TrackSession.track`) is a generator: the
-  overlay updates frame by frame with frames per second; Stop ends it after the current frame; correcting a
-  mask on any frame and pressing Track again restarts the propagator from that frame (``reset_mask``
-  semantics: the corrected frame becomes the reference). Downloads: a zip of DAVIS palette PNGs (one per
-  frame, named like the frames) and the overlay mp4, both written atomically.
+* **Track**: one viewer (``#frame-image``) to click on and to watch tracking in, the controls beside it
+  (fits a 1280x800 window). The default sample loads when a page opens (a page-load event that fills the
+  session in place and gives way to any load the user asks for); load another sample, upload a video, or
+  give a frames folder / video file on the server; pick objects on any frame (the slider, its number box
+  and Play show a frame at once) by positive/negative clicks (:func:`click_mask`: cosine similarity of
+  superpixel-pooled features to the clicked superpixels, an Otsu threshold over superpixels, and the
+  connected parts under the clicks), by brush (``gr.ImageEditor``, in the viewer's place while "Brush" is
+  ticked) or by uploading a mask; several objects, each its DAVIS colour. Tracking
+  (:meth:`TrackSession.track`) is a generator: the viewer plays each tracked frame with frames per second
+  and the slider follows; Stop ends it after the current frame; a scene cut (:mod:`.scene_cut`, a jump of
+  the colour histogram) pauses it on the new shot's first frame, to select again there; correcting a mask
+  on any frame and pressing Track again restarts the propagator from that frame (``reset_mask`` semantics:
+  the corrected frame becomes the reference). Downloads: a zip of DAVIS palette PNGs (one per frame, named
+  like the frames) and the overlay mp4, both written atomically, offered until the masks change by
+  tracking or another video is loaded. Frames are numbered from 0 everywhere, like the frame files.
 * **Webcam**: ``gr.Image(sources=["webcam"]).stream(...)``; capture a frame, click objects on it, start
   tracking: every streamed frame is propagated (:func:`webcam_step`), latency shown. Frames that arrive while
   the previous one is still being processed are dropped.
@@ -44,17 +51,20 @@ api_name               inputs                                                   
 load_sample            sample name                                                 status, slider, frame, objects, ...
 load_video             video file                                                  as load_sample
 load_frames            frames folder (or video file) path on the server            as load_sample
-sample_annotation      frame index (uses the sample's annotation of that frame)    status, frame, objects
-show_frame             frame index                                                 frame, brush background, status
-click                  frame, object id, "Positive"/"Negative", threshold (0 =     frame, status
+sample_annotation      frame index (uses the sample's annotation of that frame)    frame, status, objects
+show_frame             frame index[, brush shown]                                  frame, brush background, status
+click                  frame, object id, "Positive"/"Negative", threshold (0 =     frame, status, objects
                        auto), processing short side, x, y
 new_object             -                                                           objects dropdown, status
-clear_object           frame, object id                                            frame, status
-use_brush              frame, object id, ImageEditor value, "Add"/"Erase"/"Replace" frame, status
-upload_mask            frame, object id, mask PNG                                  frame, objects, status
-track (generator)      start frame, processing short side                          overlay, fps text, status, slider,
-                                                                                   frame
-stop                   -                                                           status
+clear_object           frame, object id                                            frame, status, objects
+brush_mode             frame, on (True/False)                                      brush on, editor, frame, status
+use_brush              frame, object id, ImageEditor value, "Add"/"Erase"/"Replace" frame, status, objects, editor
+upload_mask            frame, object id, mask PNG                                  frame, status, objects
+track (generator)      start frame, processing short side[, pause at scene cuts]   frame (live), fps text, status,
+                                                                                   slider, masks file, video file,
+                                                                                   brush on, editor
+play (generator)       start frame                                                 frame, slider, status, ...
+stop                   -                                                           status (ends track or play)
 download_masks         -                                                           zip file, status
 download_video         -                                                           mp4 file, status
 pca, pca_frame         frame index, processing short side                          PCA picture, status

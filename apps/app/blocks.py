@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from densekit.apps.app.display import header_markdown
 from densekit.apps.app.engine import DEFAULT_MODEL, DEFAULT_SAMPLES_DIR, Engine, shared_extractor
 from densekit.apps.app.track_session import TrackSession
 from densekit.apps.app.webcam_session import WebcamSession
@@ -54,13 +55,11 @@ def build_app(
     )
     if engine.index is not None:
         engine.open_index(engine.index).close()  # a bad --index fails now, in one line
-    intro = (
-        f"**densekit** · model `{engine.model_label}` (stride {extractor.meta.stride}, {extractor.provider}) · "
-        f"preset `{engine.preset}`"
-    )
+    intro = header_markdown(engine.model_label, extractor.provider, engine.preset)
     with gr.Blocks(title="densekit", delete_cache=(1800, 3600)) as demo:
         # instances, not the classes: each session gets a fresh deep copy when it first needs one, and no
-        # page-load event races the user's first click
+        # page-load event writes a session (the default sample's load fills it in place and gives way to the
+        # user's own load: TrackSession.load)
         track_state = gr.State(TrackSession(), delete_callback=_close)
         webcam_state = gr.State(WebcamSession())
         gr.Markdown(intro)
@@ -70,6 +69,7 @@ def build_app(
             search = SearchTab(engine)
             features = FeaturesTab(engine, track_state, track.resolution)
         track.wire(features.slider)
+        track.wire_open(demo)
         webcam.wire()
         search.wire()
         features.wire()

@@ -1,7 +1,9 @@
 """One browser session of the Track tab: its video, masks, clicks and propagator, and the tracking loop.
 
-Tracking is a generator (:meth:`TrackSession.track`) that a Stop cancels between frames (``stop_event``);
-editing refuses while it runs. The model is the engine's, shared behind its lock.
+Tracking is a generator (:meth:`TrackSession.track`) that a Stop cancels between frames (``stop_event``)
+and that pauses by itself at a scene cut (:mod:`.scene_cut`); editing refuses while it runs. Playing
+(:meth:`TrackSession.play`) walks the frames at the video's rate and is stopped the same way. The model is
+the engine's, shared behind its lock. Frames are numbered from 0 everywhere (slider, messages, API).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from densekit.apps.app.display import DISPLAY_MAX_SIDE, MAX_OBJECT_ID, downscale, draw_clicks, object_label
+from densekit.apps.app.display import MAX_OBJECT_ID, display_scale, draw_clicks, fit_display, object_label
 from densekit.apps.app.engine import DEFAULT_PRESET, Engine, shared_extractor
+from densekit.apps.app.scene_cut import SceneCutDetector
 from densekit.apps.app.selection import Click, FrameRegions, brush_region, fit_mask, frame_regions, select_region
 from densekit.apps.app.video import LoadedVideo, load_video, write_masks_zip
 from densekit.serve.errors import DensekitError
@@ -64,6 +67,13 @@ class TrackSession:
         self.annotations: Optional[Path] = None  # a sample's ground-truth folder
         self.stop_event = threading.Event()
         self.tracking = False
+        self.playing = False
+        self.cut_at: Optional[int] = None  # the frame a scene cut paused the last tracking run at
+        self.load_requests = 0  # loads the user asked for (the page's default sample yields to them)
+        self._load_lock = threading.Lock()
+        self._click_lock = threading.Lock()
+        self._version = 0  # counts mask edits: what the page shows is (video, frame, version)
+        self.shown: Optional[tuple[int, int, int]] = None
         self._regions: Optional[tuple[tuple[int, int, int], FrameRegions]] = None
         self._propagator: Optional[tuple[Any, Any]] = None
         self._serial = 0
@@ -83,10 +93,33 @@ class TrackSession:
 
     # -- loading -----------------------------------------------------------------------------------------
 
-    def load(self, engine: Engine, path: Any, annotations: Optional[Path] = None, limit_size: bool = True) -> str:
-        """Load a video file or frames folder; returns a one-line description."""
-        if self.tracking:
-            raise DensekitError("Stop tracking before loading another video.")
+    def load(
+        self,
+        engine: Engine,
+        path: Any,
+        annotations: Optional[Path] = None,
+        limit_size: bool = True,
+        *,
+        server_path: bool = False,
+        default: bool = False,
+    ) -> Optional[str]:
+        """Load a video file or frames folder; returns a one-line description.
+
+        ``server_path``: ``path`` was typed by the user (messages name it in full; an upload's temporary path
+        is named by its file name only). ``default``: the sample the page loads when it opens, which gives
+        way to any load the user asks for (then None is returned and nothing is loaded): loads run one at a
+        time per session, and a page-load event must never replace the user's video.
+        """
+        if not default:
+            self.load_requests += 1
+        with self._load_lock:
+            if default and (self.load_requests or self.video is not None):
+                return None
+            return self._load(engine, path, annotations, limit_size, server_path)
+
+    def _load(self, engine: Engine, path: Any, annotations: Optional[Path], limit_size: bool, server_path: bool) -> str:
+        if self.tracking or self.playing:
+            raise DensekitError("Stop tracking (or playing) before loading another video.")
         if path is None or not str(path).strip():
             raise DensekitError("Choose a video file, a sample or a frames folder first.")
         p = Path(str(path).strip()).expanduser()
@@ -101,6 +134,7 @@ class TrackSession:
                 max_frames=engine.max_frames,
                 max_side=engine.max_side,
                 max_mb=engine.max_video_mb if limit_size else None,
+                name=str(p) if server_path else None,
             )
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
@@ -116,10 +150,11 @@ class TrackSession:
         self.bases.clear()
         self._regions = None
         self.annotations = annotations
+        self.cut_at, self.shown = None, None
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         note = f" ({video.note})" if video.note else ""
-        return f"Loaded {video.label}: {n} frames of {W}x{H} at {video.fps:g} fps{note}. Click an object to select it."
+        return f"Loaded {video.label}: {n} frames of {W}x{H} at {video.fps:g} fps{note}. Click an object to select it, then press Track."
 
     def require_video(self) -> LoadedVideo:
         if self.video is None or self.masks is None:
@@ -166,6 +201,7 @@ class TrackSession:
         """Replace frame ``i``'s whole mask."""
         self.masks[i] = mask  # type: ignore[index]
         self.has_mask[i] = bool(np.any(mask))
+        self._version += 1
 
     def set_object(self, i: int, obj: int, region: np.ndarray) -> None:
         """Object ``obj`` covers exactly ``region`` (H, W) bool on frame ``i`` (taking those pixels from others)."""
@@ -205,7 +241,15 @@ class TrackSession:
         threshold: Optional[float] = None,
         short_side: Optional[int] = None,
     ) -> str:
-        """Add a click at pixel (x, y) of frame ``i`` for object ``obj`` and recompute that object's mask."""
+        """Add a click at pixel (x, y) of frame ``i`` for object ``obj`` and recompute that object's mask.
+
+        Clicks of one session run one at a time (the page queues a click made while the last is computed)."""
+        with self._click_lock:
+            return self._click(engine, i, obj, x, y, positive, threshold, short_side)
+
+    def _click(
+        self, engine: Engine, i: Any, obj: Any, x: Any, y: Any, positive: bool, threshold: Any, short_side: Any
+    ) -> str:
         self._editable()
         i, obj = self.check_frame(i), self.check_object(obj)
         H, W = self.video.size  # type: ignore[union-attr]
@@ -306,7 +350,7 @@ class TrackSession:
     # -- display -------------------------------------------------------------------------------------------
 
     def render(self, i: int, mask: Optional[np.ndarray] = None, clicks: bool = True) -> np.ndarray:
-        """Frame ``i`` with its objects overlaid (and the clicks made on it), at most DISPLAY_MAX_SIDE."""
+        """Frame ``i`` with its objects overlaid (and the clicks made on it), at the viewer's size (fit_display)."""
         from densekit.serve.imageio import overlay
 
         video = self.require_video()
@@ -314,12 +358,26 @@ class TrackSession:
         img = overlay(video.frame(i), m, 0.5) if m.any() else video.frame(i)
         if clicks:
             img = draw_clicks(img, [c for (f, _), cs in self.clicks.items() if f == i for c in cs])
-        return downscale(img)
+        return fit_display(img)
+
+    def view(self, i: int) -> np.ndarray:
+        """:meth:`render` of frame ``i`` for the page's viewer, remembered as what the viewer shows."""
+        img = self.render(i)
+        self.mark_shown(i)
+        return img
+
+    def mark_shown(self, i: int) -> None:
+        """The viewer shows frame ``i`` as it is now (a tracked frame's overlay is its render)."""
+        self.shown = (self._serial, i, self._version)
+
+    def is_shown(self, i: int) -> bool:
+        """Whether the viewer already shows frame ``i`` as it is now (the slider's release after its input
+        events asks again for the frame they showed)."""
+        return self.shown == (self._serial, i, self._version)
 
     def display_scale(self) -> float:
         """Displayed width / frame width (clicks on the shown image are divided by it)."""
-        H, W = self.require_video().size
-        return min(1.0, DISPLAY_MAX_SIDE / max(H, W))
+        return display_scale(self.require_video().size)
 
     # -- tracking ------------------------------------------------------------------------------------------
 
@@ -333,40 +391,46 @@ class TrackSession:
         return self._propagator[1]
 
     def track(
-        self, engine: Engine, start: Any, short_side: Optional[int] = None, render: bool = True, propagator: Any = None
+        self,
+        engine: Engine,
+        start: Any,
+        short_side: Optional[int] = None,
+        render: bool = True,
+        propagator: Any = None,
+        cuts: bool = True,
     ) -> Iterator[TrackUpdate]:
         """Propagate frame ``start``'s objects to the end of the video, one :class:`TrackUpdate` per frame.
 
         The propagator (this session's, or ``propagator``) is (re)started from ``start``'s mask, so a corrected
         frame becomes the reference; masks of later frames are replaced as they come (frames not reached after
-        a stop hold no mask). The loop ends early when :attr:`stop_event` is set (checked before each frame).
+        a stop hold no mask). The loop ends early when :attr:`stop_event` is set (checked before each frame),
+        and, with ``cuts``, before a frame that begins another shot (:class:`SceneCutDetector`): that frame is
+        then :attr:`cut_at`, where the user selects again and tracks on.
         ``render``: also draw each frame's overlay for display (``TrackUpdate.display``), as the page does.
         """
         video = self.require_video()
-        i0 = self.check_frame(start)
-        if self.tracking:
-            raise DensekitError("Tracking is already running in this session.")
-        if not self.objects_in(i0):
-            raise DensekitError(f"Frame {i0} has no object: click on an object (or draw or upload a mask) first.")
-        n = len(video)
-        if i0 >= n - 1:
-            raise DensekitError("This is the last frame: move the slider back to track from an earlier frame.")
+        i0 = self._check_trackable(start)
         prop = propagator if propagator is not None else self.propagator(engine, short_side)
-        self.tracking = True
+        detector = SceneCutDetector() if cuts else None
+        self.tracking, self.cut_at, self.shown = True, None, None
         self.stop_event.clear()
         try:
-            prop.start(video.frame(i0), self.mask(i0))
-            self.has_mask[i0 + 1 :] = False
-            for key in [k for k in self.clicks if k[0] > i0]:
-                self.clicks.pop(key)
-            for key in [k for k in self.bases if k[0] > i0]:
-                self.bases.pop(key)
+            first = video.frame(i0)
+            prop.start(first, self.mask(i0))
+            if detector is not None:
+                detector.is_cut(first)
+            self._forget_after(i0)
             t0 = time.perf_counter()
+            n = len(video)
             for i in range(i0 + 1, n):
                 if self.stop_event.is_set():
                     return
+                frame = video.frame(i)
+                if detector is not None and detector.is_cut(frame):
+                    self.cut_at = i
+                    return
                 ts = time.perf_counter()
-                m = prop.step(video.frame(i))
+                m = prop.step(frame)
                 step = time.perf_counter() - ts
                 self.set_mask(i, m)
                 disp = self.render(i, m, clicks=False) if render else None
@@ -374,9 +438,48 @@ class TrackSession:
         finally:
             self.tracking = False
 
+    def _check_trackable(self, start: Any) -> int:
+        """``start`` as a frame tracking can begin at, or the one-line reason it cannot."""
+        i0 = self.check_frame(start)
+        if self.tracking or self.playing:
+            raise DensekitError("Tracking (or playing) is already running in this session: press Stop first.")
+        if not self.objects_in(i0):
+            raise DensekitError(f"Frame {i0} has no object: click on an object (or draw or upload a mask) first.")
+        if i0 >= len(self.video) - 1:  # type: ignore[arg-type]
+            raise DensekitError("This is the last frame: move the slider back to track from an earlier frame.")
+        return i0
+
+    def _forget_after(self, i0: int) -> None:
+        """Tracking from ``i0`` replaces every later frame's mask: drop them and the clicks made on them."""
+        self.has_mask[i0 + 1 :] = False
+        for key in [k for k in self.clicks if k[0] > i0]:
+            self.clicks.pop(key)
+        for key in [k for k in self.bases if k[0] > i0]:
+            self.bases.pop(key)
+
+    def play(self, start: Any) -> Iterator[int]:
+        """The frame indices from ``start`` (from 0 when ``start`` is the last frame) to the end, paced at the
+        video's frame rate; ends early when :attr:`stop_event` is set (Stop)."""
+        video = self.require_video()
+        i0 = self.check_frame(start)
+        if self.tracking or self.playing:
+            raise DensekitError("Press Stop first: tracking (or playing) is running in this session.")
+        i0 = 0 if i0 >= len(video) - 1 else i0
+        self.playing = True
+        self.stop_event.clear()
+        try:
+            t0 = time.perf_counter()
+            for k, i in enumerate(range(i0, len(video))):
+                if self.stop_event.is_set():
+                    return
+                yield i
+                time.sleep(max(0.0, t0 + (k + 1) / max(video.fps, 1.0) - time.perf_counter()))
+        finally:
+            self.playing = False
+
     def stop(self) -> str:
-        if not self.tracking:
-            return "Nothing is being tracked."
+        if not (self.tracking or self.playing):
+            return "Nothing is being tracked or played."
         self.stop_event.set()
         return "Stopping after the current frame."
 

@@ -53,20 +53,30 @@ class LoadedVideo:
 
 
 def load_video(
-    path: Path, dest: Path, *, max_frames: int, max_side: int, max_mb: Optional[float] = None
+    path: Path,
+    dest: Path,
+    *,
+    max_frames: int,
+    max_side: int,
+    max_mb: Optional[float] = None,
+    name: Optional[str] = None,
 ) -> LoadedVideo:
     """Decode a video file or a frames folder into ``dest/frames.npy``.
 
     A file over ``max_mb`` megabytes is refused; only the first ``max_frames`` frames are kept; frames whose
-    longer side exceeds ``max_side`` are downscaled (INTER_AREA). Messages name the file, not its temp path.
+    longer side exceeds ``max_side`` are downscaled (INTER_AREA). ``name``: how messages call ``path``
+    (default its file name: an upload's temporary path means nothing to the user; a path the user typed is
+    given in full, so they see which one was read).
     """
     import cv2
 
     from densekit.serve.imageio import open_video
 
     path = Path(path)
-    name = path.name
+    name = name or path.name
     try:
+        if not path.exists():
+            raise DensekitError(f"No folder or video file at {name} (a path on the server running the app).")
         if max_mb is not None and path.is_file():
             mb = path.stat().st_size / 2**20
             if mb > max_mb:
@@ -93,7 +103,7 @@ def load_video(
         notes.append(f"first {n} of {len(src)} frames (limit {max_frames})")
     if s < 1.0:
         notes.append(f"frames resized from {W}x{H} to {w}x{h}")
-    return LoadedVideo(store, list(src.names[:n]), float(src.fps), name, "; ".join(notes))
+    return LoadedVideo(store, list(src.names[:n]), float(src.fps), path.name, "; ".join(notes))
 
 
 def write_masks_zip(dest: Path, names: Sequence[str], masks: Iterable[np.ndarray]) -> Path:
