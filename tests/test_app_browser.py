@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -520,8 +521,25 @@ def test_viewer_and_controls_fit_1280x800_and_the_brush_comes_when_asked(app, br
         ctx.close()
 
 
+class _ServerErrors(logging.Handler):
+    """Log records of the (in-process) server that tell of a truncated or failed response."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        if re.search(r"Content-Length|LocalProtocolError|Exception in ASGI", text):
+            self.seen.append(text.strip().splitlines()[-1])
+
+
 def test_twenty_stop_track_cycles_never_break_the_viewer(app, browser: Browser) -> None:
     cycles = 20
+    errors = _ServerErrors()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error")]  # uvicorn's do not propagate
+    for lg in loggers:
+        lg.addHandler(errors)
     ctx, page = _new_page(browser, app.url)
     try:
         page.locator("#sample-gt-btn").click()  # the sample's own masks of frame 0: a quick selection
@@ -546,6 +564,9 @@ def test_twenty_stop_track_cycles_never_break_the_viewer(app, browser: Browser) 
         assert len(ends) == cycles
     finally:
         ctx.close()
+        for lg in loggers:
+            lg.removeHandler(errors)
+    assert not errors.seen, f"the server failed responses: {errors.seen[:3]}"
 
 
 def test_scene_cut_pauses_tracking_and_it_goes_on_after_a_new_click(app, browser: Browser, tmp_path: Path) -> None:

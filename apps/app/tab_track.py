@@ -79,7 +79,7 @@ class TrackTab:
             brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"),
             format="png",
             height=VIEWER_HEIGHT,
-            visible=False,
+            visible="hidden",  # mounted while hidden: a value sent with it shown is not lost
             elem_id="brush-editor",
         )
         with gr.Row(equal_height=True):
@@ -203,7 +203,7 @@ class TrackTab:
         """The brush put away: the viewer back in its place."""
         return {
             self.brush_toggle: False,
-            self.brush_editor: gr.update(visible=False),
+            self.brush_editor: gr.update(visible="hidden"),
             self.brush_tools: gr.update(visible=False),
             self.frame_image: gr.update(visible=True),
         }
@@ -333,7 +333,7 @@ class TrackTab:
         return {
             self.brush_editor: gr.update(value=editor_value(img), visible=True),
             self.brush_tools: gr.update(visible=True),
-            self.frame_image: gr.update(visible=False),
+            self.frame_image: gr.update(visible="hidden"),
             self.status: f"Frame {i}: paint over the object, then press Apply drawing.",
         }
 

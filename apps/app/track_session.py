@@ -187,6 +187,8 @@ class TrackSession:
         self.require_video()
         if self.tracking:
             raise DensekitError("Stop tracking before editing masks.")
+        if self.playing:  # an edit pauses playing, on the frame the click or upload was made on
+            self.stop_event.set()
 
     # -- masks -------------------------------------------------------------------------------------------
 
