@@ -72,6 +72,9 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         if out is None:
             raise DensekitError("no output directory: pass --out RUN_DIR")
+        from densekit.train.trainer import check_run_dir
+
+        check_run_dir(out)  # an existing file there is one line now, not after the model is built
         base = None
         if resume:
             from densekit.train.trainer import load_run_config

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from densekit.serve.errors import DensekitError
+from densekit.serve.meta_schema import CONTRACT_CHARS, CONTRACT_DEPTH, check_contract, loads_bounded
 
 __version__ = "0.1.0"
 
@@ -50,27 +50,12 @@ class ModelMeta:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelMeta:
-        try:
-            raw = json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise DensekitError(f"model metadata is not valid JSON: {exc}") from None
+    def from_json(cls, text: str | bytes) -> ModelMeta:
+        """Parse and check a contract (:mod:`densekit.serve.meta_schema`); DensekitError (one line) otherwise."""
+        raw = loads_bounded(text, "model metadata", max_depth=CONTRACT_DEPTH, max_chars=CONTRACT_CHARS)
         return cls.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelMeta:
-        if not isinstance(raw, dict):
-            raise DensekitError("model metadata must be a JSON object")
-        missing = [k for k in ("name", "stride", "dim") if k not in raw]
-        if missing:
-            raise DensekitError(f"model metadata lacks {', '.join(missing)}")
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in raw.items() if k in known}
-        for key in ("mean", "std"):
-            if key in kwargs:
-                kwargs[key] = tuple(float(v) for v in kwargs[key])
-        kwargs["stride"] = int(kwargs["stride"])
-        kwargs["dim"] = int(kwargs["dim"])
-        if "input_multiple" in kwargs:
-            kwargs["input_multiple"] = int(kwargs["input_multiple"])
-        return cls(**kwargs)
+        """A contract from parsed JSON, every field checked for type and range (:func:`check_contract`)."""
+        return cls(**check_contract(raw))

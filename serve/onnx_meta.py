@@ -22,6 +22,7 @@ from typing import Any
 
 from densekit.serve.contract import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 from densekit.serve.errors import DensekitError, one_line
+from densekit.serve.meta_schema import SIDECAR_CHARS, SIDECAR_DEPTH, check_sidecar, loads_bounded
 
 META_KEY = "densekit"
 SIDECAR_SUFFIX = ".json"
@@ -161,26 +162,21 @@ def read_engine_sidecar(engine: str | os.PathLike[str]) -> EngineInfo:
             f"{engine}: no metadata sidecar {side.name} beside the engine; build engines with `densekit export trt`"
         )
     try:
-        raw = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DensekitError(f"{side}: not valid JSON ({one_line(exc)})") from None
-    if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
-        raise DensekitError(f"{side}: not a densekit engine sidecar (format {SIDECAR_FORMAT!r} expected)")
+        if side.stat().st_size > SIDECAR_CHARS * 4:  # 4 bytes per character at most in UTF-8
+            raise DensekitError(f"{side}: {side.stat().st_size} bytes is far too large for an engine sidecar")
+        text = side.read_bytes()
+    except OSError as exc:
+        raise DensekitError(f"{side}: cannot read it ({one_line(exc)})") from None
     try:
-        meta = ModelMeta.from_dict(raw[META_KEY])
-        known = {"format", META_KEY, "tensorrt_version", "precision", "input_name", "output_name", "profile", "device"}
-        return EngineInfo(
-            meta=meta,
-            tensorrt_version=str(raw["tensorrt_version"]),
-            precision=str(raw["precision"]),
-            input_name=str(raw["input_name"]),
-            output_name=str(raw["output_name"]),
-            profile={k: [int(v) for v in raw["profile"][k]] for k in ("min", "opt", "max")},
-            device=dict(raw.get("device") or {}),
-            extra={k: v for k, v in raw.items() if k not in known},
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DensekitError(f"{side}: incomplete engine sidecar (missing or bad {one_line(exc)})") from None
+        raw = loads_bounded(text, "the sidecar", max_depth=SIDECAR_DEPTH, max_chars=SIDECAR_CHARS)
+        if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
+            raise DensekitError(f"not a densekit engine sidecar (format {SIDECAR_FORMAT!r} expected)")
+        fields = check_sidecar(raw)
+        meta = ModelMeta.from_dict(fields.pop(META_KEY))
+    except DensekitError as exc:
+        raise DensekitError(f"{side}: {exc}") from None
+    known = {"format", META_KEY, "tensorrt_version", "precision", "input_name", "output_name", "profile", "device"}
+    return EngineInfo(meta=meta, **fields, extra={k: v for k, v in raw.items() if k not in known})
 
 
 def check_engine_version(engine: str | os.PathLike[str], built_with: str, running: str) -> None:

@@ -7,12 +7,15 @@ A run directory holds:
   (objective ``state_dict()`` - student, heads, EMA teacher, queues, pointers -, optimiser moments, torch/CUDA
   RNG states of every rank) are safetensors tensors; everything else (step, optimiser hyper-parameters, grad
   scaler, numpy and python RNG states, the config) is JSON in the file's metadata. Nothing is pickled, so a
-  state file can be inspected and loaded without executing code. The learning rate is a pure function of the
+  state file can be inspected and loaded without executing code; its metadata also holds the SHA-256 of its contents
+  (:func:`densekit.serve.checkpoint.write_with_digest`), so ``--resume`` refuses a corrupt state. The learning rate is a pure function of the
   step (linear warm-up, then cosine), so the step IS the scheduler state; the step is also the data position
   (:mod:`densekit.train.data`).
 * ``backbone.safetensors``: the student backbone via :func:`densekit.serve.checkpoint.save_checkpoint`, with
   ``meta.objective`` set - loadable by every other command.
-* ``log.jsonl`` (one JSON line per logged step / evaluation) and ``tb/`` (TensorBoard scalars).
+* ``log.jsonl`` (one JSON line per logged step / evaluation; a resumed run first drops the records past its state's
+  step, which it redoes, so each step is there once) and ``tb/`` (TensorBoard scalars). Temporary files that a run
+  killed mid-write left behind are removed when the next one starts.
 
 Exact resume: on CPU with ``deterministic=true``, a run interrupted at any point and resumed from its last
 state ends with bit-identical weights to an uninterrupted run: everything random is either restored (torch,
@@ -264,16 +267,24 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write a training state: safetensors tensors + the JSON ``meta`` in the file metadata (atomic)."""
+    """Write a training state: safetensors tensors + the JSON ``meta`` in the file metadata (atomic), with the
+    SHA-256 of its contents (:func:`densekit.serve.checkpoint.write_with_digest`)."""
     from safetensors.torch import save_file
 
+    from densekit.serve.checkpoint import write_with_digest
+
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={STATE_META_KEY: json.dumps(meta)})
+        write_with_digest(tmp, {STATE_META_KEY: json.dumps(meta)},
+                          lambda md: save_file(tensors, str(tmp), metadata=md))
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a state written by :func:`save_state` -> (tensors, meta). DensekitError if unreadable."""
+    """Read a state written by :func:`save_state` -> (tensors, meta). DensekitError (one line) if unreadable,
+    not a densekit state, malformed, or not matching its checksum (a state from before the checksum loads)."""
     from safetensors import SafetensorError, safe_open
+
+    from densekit.serve.checkpoint import verify_digest
+    from densekit.serve.meta_schema import STATE_DEPTH, loads_bounded
 
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -283,10 +294,55 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise DensekitError(f"{path}: unreadable training state ({' '.join(str(exc).split())[:200]})") from None
     if STATE_META_KEY not in md:
         raise DensekitError(f"{path}: not a densekit training state")
-    meta = json.loads(md[STATE_META_KEY])
-    if meta.get("format") != STATE_FORMAT:
-        raise DensekitError(f"{path}: training state format {meta.get('format')} is not supported")
+    if not verify_digest(path, "training state"):
+        log.info("%s has no checksum (written by an older densekit): its contents are not verified", path)
+    meta = loads_bounded(md[STATE_META_KEY], f"{path}: the training state's metadata", max_depth=STATE_DEPTH)
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DensekitError(f"{path}: training state format {got} is not supported")
     return tensors, meta
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the records of ``log.jsonl`` past ``step`` (and a line torn by a kill), atomically: a resumed run
+    redoes those steps and logs them again, so each step is logged once."""
+    if not path.is_file():
+        return
+    from densekit.serve.meta_schema import STATE_DEPTH, loads_bounded
+
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            rec = loads_bounded(line, "a log record", max_depth=STATE_DEPTH)
+        except DensekitError:
+            continue
+        inner = [v for v in rec.values() if isinstance(v, dict)] if isinstance(rec, dict) else []
+        steps = [r.get("step") for r in [rec, *inner] if isinstance(r, dict)]
+        if not any(isinstance(s, (int, float)) and s > step for s in steps):
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.XXXX.SUFFIX``, :func:`~densekit.serve.atomic.atomic_path`) that a run
+    killed while writing a file of ``run_dir`` left behind; returns them."""
+    gone = []
+    for name in (STATE_FILE, BACKBONE_FILE, CONFIG_FILE, LOG_FILE):
+        for tmp in run_dir.glob(f".{name}.*{Path(name).suffix}"):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def check_run_dir(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a run directory: DensekitError (one line) if it, or a folder above it, is a file."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise DensekitError(f"--out {out}: {p} is an existing file, not a folder; a run directory goes there")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +449,7 @@ class Trainer:
         if cfg.eval.davis and evaluator is None:
             raise DensekitError("eval.davis is set but no evaluator was given (densekit train passes one)")
         self.evaluator = evaluator
-        self.out = Path(cfg.out)
+        self.out = check_run_dir(cfg.out)
         self.step = 0
         self.max_steps = cfg.max_steps  # the schedule length; a budget run's calibration sets it
         self.budget = Budget(cfg.budget_s, cfg.clock)
@@ -409,7 +465,10 @@ class Trainer:
         if self.backbone_fn is not None:
             return self.backbone_fn(cfg)
         from densekit.serve.backbones import build_backbone
+        from densekit.serve.loader import PICKLE_SUFFIXES, load_backbone
 
+        if Path(cfg.backbone).suffix.lower() in PICKLE_SUFFIXES:
+            load_backbone(cfg.backbone)  # the one line every command gives: densekit never unpickles it
         if cfg.backbone.lower().endswith(".safetensors"):
             from densekit.serve.checkpoint import load_checkpoint
 
@@ -511,7 +570,19 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.is_file():
             raise DensekitError(f"cannot resume: no {STATE_FILE} in {self.out}")
-        tensors, meta = load_state(path)
+        try:
+            tensors, meta = load_state(path)
+        except DensekitError as exc:  # a corrupt state is refused: training on from it would be silently wrong
+            raise DensekitError(f"cannot resume: {exc}") from None
+        try:
+            self._restore(model, optimizer, scaler, tensors, meta)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise DensekitError(f"cannot resume: {path}: malformed training state ({one_line(exc)})") from None
+
+    def _restore(self, model: Objective, optimizer: torch.optim.Optimizer, scaler: Any,
+                 tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Put the state read by :func:`load_state` into the model, optimiser, grad scaler, step and RNGs."""
+        path = self.out / STATE_FILE
         try:  # a run saved before a config key existed has that key's default
             old = flat(to_dict(from_dict(TrainConfig, meta["config"])))
         except DensekitError:
@@ -609,6 +680,9 @@ class Trainer:
             torch.manual_seed(cfg.seed + rank)  # per-rank stream for objectives' torch randomness
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            if remove_stale_temporaries(self.out):
+                log.info("removed temporary files a killed run left in %s", self.out)
+            truncate_log(self.out / LOG_FILE, self.step)  # steps after the state are redone: logged once
             write_text_atomic(self.out / CONFIG_FILE, dump_yaml(cfg))
         dist.barrier()
 
@@ -698,6 +772,10 @@ class Trainer:
                 except DensekitError as exc:
                     raise _dataloader_error(exc) from None
         finally:
+            # workers end here, on an exception too, not when the garbage collector gets to the iterator
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
             del it
 
     def _calibrate(self, run: _Run, dataset: Any) -> float:
@@ -901,5 +979,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, **kwargs: Any) -> TrainResu
 
 __all__ = [
     "Trainer", "TrainResult", "train", "lr_at", "weight_decay_at", "clip_gradients", "get_objective_class", "available_objectives",
-    "resolve_hparams", "save_state", "load_state", "load_run_config", "from_dict",
+    "resolve_hparams", "save_state", "load_state", "load_run_config", "from_dict", "truncate_log",
+    "remove_stale_temporaries", "check_run_dir",
 ]
