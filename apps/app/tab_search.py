@@ -34,8 +34,16 @@ class SearchTab:
                     elem_id="search-image",
                 )
                 self.query = AtomicImage(label="Query region", interactive=False, format="jpeg", elem_id="search-query")
-            self.k = gr.Slider(1, 24, value=8, step=1, label="Hits", elem_id="search-k")
-            self.gallery = gr.Gallery(label="Nearest segments", columns=4, format="jpeg", elem_id="search-gallery")
+            with gr.Row():
+                self.k = gr.Slider(1, 24, value=8, step=1, label="Hits", elem_id="search-k")
+                self.exclude = gr.Checkbox(
+                    value=True, label="Leave the query's own image out", elem_id="search-exclude",
+                    info="An indexed query image would be its own best hits.",
+                )
+            self.gallery = gr.Gallery(
+                label="Nearest segments (each outlined and boxed in green)", columns=4, format="jpeg",
+                elem_id="search-gallery",
+            )
             self.x = gr.Number(visible=False, elem_id="search-x")
             self.y = gr.Number(visible=False, elem_id="search-y")
             self.search_btn = gr.Button(visible=False, elem_id="search-btn")
@@ -51,12 +59,12 @@ class SearchTab:
         return {self.index_dir: root, self.status: msg}
 
     @reports_errors
-    def on_search(self, index_folder: Any, image: Any, k: Any, x: Any, y: Any) -> dict:
-        items, query, msg = search_point(self.engine, index_folder, image, x, y, int(k or 8))
+    def on_search(self, index_folder: Any, image: Any, k: Any, x: Any, y: Any, exclude: Any = True) -> dict:
+        items, query, msg = search_point(self.engine, index_folder, image, x, y, int(k or 8), exclude is not False)
         return {self.gallery: items, self.query: query, self.status: msg}
 
-    def on_select(self, index_folder: Any, image: Any, k: Any, evt: gr.SelectData) -> dict:
-        return self.on_search(index_folder, image, k, evt.index[0], evt.index[1])
+    def on_select(self, index_folder: Any, image: Any, k: Any, exclude: Any, evt: gr.SelectData) -> dict:
+        return self.on_search(index_folder, image, k, evt.index[0], evt.index[1], exclude)
 
     def wire(self) -> None:
         results = [self.gallery, self.query, self.status]
@@ -65,9 +73,10 @@ class SearchTab:
             api_name="build_index",
         )
         self.search_btn.click(
-            self.on_search, [self.index_dir, self.image, self.k, self.x, self.y], results, api_name="search"
+            self.on_search, [self.index_dir, self.image, self.k, self.x, self.y, self.exclude], results,
+            api_name="search",
         )
         self.image.select(
-            self.on_select, [self.index_dir, self.image, self.k], results,
+            self.on_select, [self.index_dir, self.image, self.k, self.exclude], results,
             api_name="search_select", api_visibility="undocumented",
         )
