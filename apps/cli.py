@@ -166,13 +166,14 @@ def _register_area_commands() -> None:
     failure here is a broken install, not a missing extra: it is said in one line, never skipped.
     """
     try:
-        from densekit.apps import cmd_app, cmd_demo, cmd_eval_retrieval, cmd_export, cmd_index, cmd_serve, cmd_train
+        from densekit.apps import (cmd_app, cmd_benchmark, cmd_demo, cmd_eval_retrieval, cmd_export, cmd_index, cmd_serve,
+                                   cmd_train)
     except ImportError as exc:
         raise SystemExit(
             f"error: densekit is installed incompletely ({one_line(exc)}); reinstall it "
             "(pip install --force-reinstall densekit)"
         ) from None
-    for module in (cmd_train, cmd_export, cmd_serve, cmd_index, cmd_app, cmd_demo):
+    for module in (cmd_train, cmd_export, cmd_serve, cmd_index, cmd_app, cmd_demo, cmd_benchmark):
         module.register(app)
     cmd_eval_retrieval.register(eval_app)
 

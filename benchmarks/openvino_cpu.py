@@ -18,23 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx_ne_convert")
-
-
 def cpu_line() -> str:
-    """``lscpu``'s model name and the SIMD flags that decide these kernels."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
-    cpus = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("CPU(s)")), "?")
-    return f"{model}, {cpus} CPUs, flags: {' '.join(f for f in flags if f in FLAGS) or 'none of ' + ' '.join(FLAGS)}"
+    from densekit.apps.benchmark import cpu_line as line  # the one lscpu summary (densekit benchmark prints it too)
+
+    return line()
 
 
 def main(argv: list[str] | None = None) -> int:
