@@ -44,7 +44,7 @@ def _budget_overrides(minutes: Optional[float], clock: Optional[str], config: Op
     out.append(f"budget_s={minutes * 60.0}")
     from densekit.train.config import load_yaml
 
-    in_file = config is not None and config.is_file() and "max_steps" in (load_yaml(config) or {})
+    in_file = config is not None and "max_steps" in load_yaml(config)  # a path or a shipped config's name
     if not in_file and not any(o.split("=", 1)[0].strip() == "max_steps" for o in overrides):
         out.append(f"max_steps={BUDGET_MAX_STEPS}")
     return out
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         backbone: Annotated[Optional[str], typer.Option("--backbone", help="resnet18 | resnet50 | efficientnet_lite0 | timm:<name> | a .safetensors checkpoint to start from.")] = None,
         data: Annotated[Optional[Path], typer.Option("--data", help="DAVIS root, folder of videos, folder of frame folders, or folder of images.")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (created).")] = None,
-        config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file (same keys as RUN_DIR/config.yaml).")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file (same keys as RUN_DIR/config.yaml), or the name of a shipped one (e.g. hiergroup_finetune_lite0; see densekit/train/configs/).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last state checkpoint.")] = False,
         minutes: Annotated[Optional[float], typer.Option("--minutes", help="Time budget: the trainer sizes its schedule to end with it and stops when it is spent (max_steps is then only an upper bound). Counted on --clock; building the model counts.", show_default=False)] = None,
         clock: Annotated[Optional[str], typer.Option("--clock", help="What --minutes (budget_s) counts: cpu (default; CPU time of the training process and its data workers, steady on a shared machine) or wall.", show_default=False)] = None,

@@ -29,3 +29,14 @@ def test_config_builds_its_model_within_a_cpu_budget(path: Path, tmp_path: Path)
     model = trainer._build_objective()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert model.name == cfg.objective
+
+
+def test_a_shipped_config_loads_by_name() -> None:
+    from densekit.serve.errors import DensekitError
+    from densekit.train.config import build_config, shipped_configs
+
+    assert shipped_configs() == [p.stem for p in CONFIGS]  # the installed folder is the repo's
+    for name in ("hiergroup_finetune_lite0", "hiergroup_finetune_lite0.yaml"):
+        assert build_config(name) == build_config(CONFIGS[[p.stem for p in CONFIGS].index("hiergroup_finetune_lite0")])
+    with pytest.raises(DensekitError, match="shipped configs: .*hiergroup_resnet18"):
+        build_config("no_such_recipe")
