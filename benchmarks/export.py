@@ -12,7 +12,6 @@ vs ONNX Runtime CUDA) only when CUDA and TensorRT are there; otherwise one line 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -20,13 +19,9 @@ from pathlib import Path
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, ORT's first-run graph work)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    from densekit.apps.benchmark import median_seconds  # one timing rule for `densekit benchmark` and this
+
+    return median_seconds(fn, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
