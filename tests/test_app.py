@@ -142,7 +142,8 @@ def test_click_track_download_and_score(app, client, tmp_path: Path) -> None:
 
     outputs = _track(client)
     overlays = [o[0] for o in outputs if isinstance(o[0], str)]
-    assert len(overlays) == n - 1  # one live overlay per tracked frame
+    # one live overlay per tracked frame; the last one is sent again with the final status, as the same file
+    assert len(overlays) == n and overlays[-1] == overlays[-2] and len(set(overlays)) == n - 1
     fps_lines = [o[1] for o in outputs if isinstance(o[1], str) and "fps" in o[1]]
     # frames are numbered from 0 everywhere: the fps line names the last frame as the status does
     assert fps_lines and f"frame {n - 1} of 0–{n - 1}" in fps_lines[-1]
@@ -190,7 +191,8 @@ def test_stop_then_correct_and_continue(app, client, tmp_path: Path) -> None:
     deadline = time.time() + 120
     while sum(isinstance(o[0], str) for o in job.outputs()) < 2 and time.time() < deadline and not job.done():
         time.sleep(0.05)
-    assert "Stopping" in client.predict(api_name="/stop")
+    client.predict(api_name="/stop")  # says nothing itself: the tracking run reports where it stopped
+    assert "Nothing is being tracked" in _client(app, tmp_path / "other").predict(api_name="/stop")
     job.result(timeout=120)
     final = job.outputs()[-1]
     assert final[2].startswith("Stopped at frame ")

@@ -64,7 +64,8 @@ track (generator)      start frame, processing short side[, pause at scene cuts]
                                                                                    slider, masks file, video file,
                                                                                    brush on, editor
 play (generator)       start frame                                                 frame, slider, status, ...
-stop                   -                                                           status (ends track or play)
+stop                   -                                                           status (only when nothing runs:
+                                                                                   track or play says where it ended)
 download_masks         -                                                           zip file, status
 download_video         -                                                           mp4 file, status
 pca, pca_frame         frame index, processing short side                          PCA picture, status

@@ -245,11 +245,11 @@ class TrackTab:
     def on_open(self, session: TrackSession, name: Any) -> dict:
         """The page opened: load the chosen sample, unless the user has already asked for a video."""
         if not self.samples or not name:
-            return {}
+            return {self.status: gr.skip()}
         frames, annotations = self._sample_paths(name)
         message = session.load(self.engine, frames, annotations=annotations, limit_size=False, default=True)
         if message is None:
-            return {}
+            return {self.status: gr.skip()}
         return self._loaded(session, message)
 
     @reports_errors
@@ -273,7 +273,7 @@ class TrackTab:
     def on_show_frame(self, session: TrackSession, i: Any, brush: Any = False) -> dict:
         i = session.check_frame(i)
         if session.tracking or session.playing:
-            return {}  # the running loop owns the viewer and moves the slider itself
+            return {self.status: gr.skip()}  # the running loop owns the viewer and moves the slider itself
         ids = session.objects_in(i)
         img = session.view(i)
         out: dict = {
@@ -290,7 +290,7 @@ class TrackTab:
         its .input events showed that frame already, so nothing changes, and nothing overwrites the status of
         a click that landed meanwhile."""
         if session.video is not None and session.is_shown(session.check_frame(i)):
-            return {}
+            return {self.status: gr.skip()}
         return self.on_show_frame(session, i, brush)
 
     # -- selecting ------------------------------------------------------------------------------------------
@@ -382,15 +382,20 @@ class TrackTab:
                 "its objects (or press New object), then Track to continue.",
                 self.frame_slider: k,
                 self.frame_image: session.view(k),
+                self.fps_text: _fps_line(last) if last is not None else "",
             }
         if last is None:
             return {self.status: f"Stopped at frame {start}, before the first tracked frame."}
         end = "Stopped" if last.index < last.total - 1 else "Done"
         session.mark_shown(last.index)  # the viewer shows its overlay, which is that frame's render
+        # the last frame's picture, slider and fps line again with the status: the page's final state agrees
+        # even if it missed an update (the picture is the same cached file: AtomicImage, nothing rewritten)
         return {
             self.status: f"{end} at frame {last.index} ({last.frames_done} frames at {last.fps:.1f} fps). "
             "Correct any frame and track again from it, or download the results.",
             self.frame_slider: last.index,
+            self.frame_image: last.display,
+            self.fps_text: _fps_line(last),
         }
 
     @reports_errors
@@ -402,7 +407,11 @@ class TrackTab:
         yield {self.status: f"Paused at frame {i}."}
 
     def on_stop(self, session: TrackSession) -> dict:
-        return {self.status: session.stop()}
+        running = session.tracking or session.playing
+        message = session.stop()
+        # what was running says where it stopped, in its last update: this answer may reach the page after
+        # that one and must not replace it
+        return {self.status: gr.skip() if running else message}
 
     @reports_errors
     def on_download_masks(self, session: TrackSession) -> dict:
