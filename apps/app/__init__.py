@@ -6,7 +6,7 @@ in its own :class:`TrackSession` / :class:`WebcamSession` held in ``gr.State``, 
 
 Rooms (modules of this package; only the ``tab_*`` modules and :mod:`.blocks`' ``build_app`` need Gradio):
 
-* ``selection``: click -> mask (superpixels, pooled features, Otsu threshold, connected parts); brush and
+* ``selection``: click -> mask (feature similarity against the border, GrabCut at the edge, connected part); brush and
   uploaded masks. numpy / SciPy / scikit-image / OpenCV only.
 * ``engine``: the shared model behind one lock, the propagation preset, limits, samples, index opening.
 * ``video``: a loaded video as a memory map; the masks zip. ``display``: labels, colours, fitting to the page,
@@ -24,9 +24,10 @@ Tabs (element ids are the contract with the browser test, tests/test_app_browser
   (fits a 1280x800 window). The default sample loads when a page opens (a page-load event that fills the
   session in place and gives way to any load the user asks for); load another sample, upload a video, or
   give a frames folder / video file on the server; pick objects on any frame (the slider, its number box
-  and Play show a frame at once) by positive/negative clicks (:func:`click_mask`: cosine similarity of
-  superpixel-pooled features to the clicked superpixels, an Otsu threshold over superpixels, and the
-  connected parts under the clicks), by brush (``gr.ImageEditor``, in the viewer's place while "Brush" is
+  and Play show a frame at once) by positive/negative clicks (:func:`click_mask`: each feature cell's similarity
+  to the clicked cells against the frame's border cells, a second pass from the first region's core, GrabCut
+  in a band at the edge, the connected part under the click; the message gives the area and a hint when
+  a click covers most of the frame), by brush (``gr.ImageEditor``, in the viewer's place while "Brush" is
   ticked) or by uploading a mask; several objects, each its DAVIS colour. Tracking
   (:meth:`TrackSession.track`) is a generator: the viewer plays each tracked frame with frames per second
   and the slider follows; Stop ends it after the current frame; a scene cut (:mod:`.scene_cut`, a jump of
