@@ -29,6 +29,7 @@ BACKEND_HELP = (
 )
 URI_HELP = "Milvus server URI (http://host:19530) for --backend milvus; default: embedded milvus-lite."
 TOKEN_HELP = "Milvus token (user:password or API key); never stored in the index."
+WAIT_HELP = "Seconds to wait for another process writing the index to finish (then: one error line, exit 2)."
 EF_HELP = "HNSW search breadth (faiss efSearch / Milvus ef); build stores it in the index, search overrides it."
 
 
@@ -68,33 +69,30 @@ def build_command(
     uri: Annotated[Optional[str], typer.Option("--uri", help=URI_HELP)] = None,
     token: Annotated[Optional[str], typer.Option("--token", envvar="DENSEKIT_MILVUS_TOKEN", help=TOKEN_HELP)] = None,
     ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help=EF_HELP)] = None,
+    wait: Annotated[float, typer.Option("--wait", min=0.0, help=WAIT_HELP)] = 10.0,
 ) -> None:
     """Index every image under IMAGES_DIR; images already in the index are skipped (resumable)."""
     from densekit.apps.progress import progress_bar
-    from densekit.retrieval.segment_index import BACKENDS, DB_NAME, DEFAULT_EF_SEARCH, SegmentIndex, list_images
+    from densekit.retrieval.segment_index import BACKENDS, DEFAULT_EF_SEARCH, SegmentIndex, list_images
 
     if backend is not None and backend not in BACKENDS:
         raise DensekitError(f"--backend must be {' or '.join(BACKENDS)}, got {backend!r}")
     if uri is not None and backend == "faiss":
         raise DensekitError("--uri applies to --backend milvus")
     files = list_images(images_dir)
-    if (index / DB_NAME).exists():
-        idx = SegmentIndex.open(index, model, threads=threads, uri=uri, token=token)
+    # under the index's writer lock: open it, or create it (clearing what an interrupted creation left)
+    idx, created = SegmentIndex.open_or_create(
+        index, model, lock_wait=wait, factory=factory, segments_per_image=segments, spatial_weight=spatial_weight,
+        max_side=max_side, threads=threads, backend=backend or ("milvus" if uri is not None else "faiss"), uri=uri,
+        token=token, ef_search=ef_search or DEFAULT_EF_SEARCH,
+    )
+    if not created:
         if backend is not None and backend != idx.backend:
             idx.close()
             raise DensekitError(f"{index} uses the {idx.backend} backend, not {backend}")
         if ef_search is not None:
             idx.set_search_params(ef_search=ef_search, persist=True)
         typer.echo(f"resuming {index}: {len(idx)} images already indexed")
-    else:
-        if model is None:
-            raise DensekitError("--model is required to create a new index")
-        backend = backend or ("milvus" if uri is not None else "faiss")
-        idx = SegmentIndex.create(
-            index, model, factory=factory, segments_per_image=segments, spatial_weight=spatial_weight,
-            max_side=max_side, threads=threads, backend=backend, uri=uri, token=token,
-            ef_search=ef_search or DEFAULT_EF_SEARCH,
-        )
     with idx, progress_bar(rate=False) as progress:
         task = progress.add_task("indexing", total=len(files))
         report = idx.add_images(files, progress=lambda _name, _added: progress.advance(task))

@@ -271,6 +271,7 @@ class MilvusStore:
             "create_collection", client.create_collection, self.collection, schema=schema, index_params=index,
             consistency_level="Strong",
         )
+        self.o.kill_point("write")
 
     def create(self) -> None:
         """Create the collection for a new index (DensekitError if the name is taken)."""
@@ -284,8 +285,11 @@ class MilvusStore:
         client = self._connect()
         self._call("drop_collection", client.drop_collection, self.collection)
 
-    def load(self) -> None:
-        """Connect, make sure the collection exists and is loaded, then reconcile it with SQLite."""
+    def load(self, repair: bool = True) -> None:
+        """Connect, make sure the collection exists and is loaded, then reconcile it with SQLite.
+
+        Without ``repair`` (a reader while another process holds the index's writer lock: a Milvus server
+        shared with a writer) the collection is searched as it is, neither reconciled nor marked."""
         client = self._connect()
         if not self._call("has_collection", client.has_collection, self.collection):
             log.warning("Milvus collection %s missing at %s; recreating it from SQLite", self.collection, self.where)
@@ -293,6 +297,8 @@ class MilvusStore:
         state = self._call("get_load_state", client.get_load_state, self.collection)
         if "NotLoad" in str(state.get("state")):
             self._call("load_collection", client.load_collection, self.collection)
+        if not repair:
+            return
         pending = self._pending()
         self.reconcile(full=pending)
         if pending:
@@ -353,6 +359,7 @@ class MilvusStore:
     # --------------------------------------------------------------------------------- mutation
     def begin(self) -> None:
         """Step 1 of a mutation: mark it pending, committed before anything else changes."""
+        self.o.kill_point("commit")
         self.o._conn.execute(f"UPDATE info SET value='1' WHERE key='{PENDING_KEY}'")
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
@@ -365,6 +372,7 @@ class MilvusStore:
                 for i, v in zip(ids[start : start + step], x[start : start + step])
             ]
             self._call("insert", client.insert, self.collection, rows)
+            self.o.kill_point("write")
 
     def remove(self, ids: np.ndarray) -> None:
         client = self._connect()
@@ -375,6 +383,7 @@ class MilvusStore:
     def commit(self) -> None:
         """Step 4: clear the pending mark in the open SQLite transaction and commit it."""
         self.o._conn.execute(f"UPDATE info SET value='0' WHERE key='{PENDING_KEY}'")
+        self.o.kill_point("commit")
         self.o._conn.commit()
 
     # ---------------------------------------------------------------------------------- search

@@ -80,11 +80,14 @@ implementation) or with the Milvus backend is a DensekitError. FAISS GPU search 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +99,19 @@ from densekit.serve.atomic import atomic_path
 from densekit.serve.errors import DensekitError
 from densekit.serve.imageio import IMAGE_SUFFIXES
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock (WriterLock)
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 DB_NAME = "meta.sqlite"
 SCHEMA_VERSION = "1"
+LOCK_NAME = ".writer.lock"
+LOCK_WAIT_S = 10.0  # how long a second writer waits for the first before giving up (one line, exit 2)
+BUSY_TIMEOUT_S = 10.0  # SQLite's wait for a lock held by another connection (a reader's WAL checkpoint)
+KILL_ENV = "DENSEKIT_TEST_KILL_AT"  # test-only: see kill_point
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -125,6 +137,21 @@ def set_threads(threads: int | None = None) -> int:
     n = int(threads or os.cpu_count() or 1)
     _faiss().omp_set_num_threads(n)
     return n
+
+
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(kind: str) -> None:
+    """Test-only crash hook: with ``DENSEKIT_TEST_KILL_AT=commit:N`` (or ``write:N``) the process SIGKILLs
+    itself just before its Nth SQLite commit (or just after its Nth file / vector write, before anything
+    else). Unset (always, outside tests/test_index_reliability.py): nothing happens."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec or not spec.startswith(kind + ":"):
+        return
+    _kill_counts[kind] = _kill_counts.get(kind, 0) + 1
+    if spec == f"{kind}:{_kill_counts[kind]}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------- RLE masks
@@ -264,6 +291,8 @@ class SegmentIndex:
     ``backend`` is ``"faiss"`` or ``"milvus"``.
     """
 
+    kill_point = staticmethod(kill_point)  # the test-only crash hook, for the vector stores
+
     def __init__(
         self,
         root: Path,
@@ -290,6 +319,8 @@ class SegmentIndex:
             raise DensekitError("ef_search must be >= 1")
         self.gpu = bool(gpu)
         self._store: Any = None
+        self._lock: WriterLock | None = None  # held for the handle's life by create / open(writer=True)
+        self.lock_wait = LOCK_WAIT_S
 
     # ---------------------------------------------------------------------------- construction
     @classmethod
@@ -311,8 +342,12 @@ class SegmentIndex:
         seed: int = 0,
         threads: int | None = None,
         gpu: bool = False,
+        lock_wait: float = LOCK_WAIT_S,
     ) -> SegmentIndex:
         """Create an empty index in ``root`` (DensekitError if one is already there).
+
+        The new handle holds the folder's writer lock until it is closed (waiting up to ``lock_wait``
+        seconds for another writer); what an interrupted creation left in ``root`` is cleared first.
 
         Args:
             model: a backbone name / checkpoint path (stored, so :meth:`open` can rebuild the extractor)
@@ -330,95 +365,119 @@ class SegmentIndex:
                 override it). max_side: images are resized so their longer side is at most this before
                 feature extraction. seed: K-means and IVF-training seed. gpu: search on FAISS GPUs.
         """
-        root = Path(root)
-        if (root / DB_NAME).exists():
-            raise DensekitError(f"{root} already holds a segment index; open it instead")
-        if segments_per_image < 1:
-            raise DensekitError("segments_per_image must be >= 1")
-        if backend not in BACKENDS:
-            raise DensekitError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
-        if backend == "faiss" and (uri is not None or collection is not None):
-            raise DensekitError("uri and collection apply to the milvus backend")
-        if ef_search < 1 or nprobe < 1:
-            raise DensekitError("ef_search and nprobe must be >= 1")
-        set_threads(threads)
-        fstring, nlist, uses_pq = _parse_factory(factory)
-        extra: dict[str, str] = {}
-        if backend == "milvus":
-            from densekit.retrieval.milvus_store import MilvusStore
+        spec = _CreateSpec(factory, segments_per_image, spatial_weight, backend, uri, token, collection, nprobe,
+                           ef_search, max_side, seed, threads, gpu)
+        extra = spec.check()  # before anything is written
 
-            extra = MilvusStore.info_for(factory, uri, collection)  # validates before anything is written
-        extractor, spec = _make_extractor(model)
-        meta = extractor.meta
-        index = None
-        if backend == "faiss":
-            try:
-                index = _new_index(int(meta.dim), fstring)
-            except RuntimeError as exc:
-                detail = re.sub(r"^.*?\.cpp:\d+:\s*", "", _first_line(exc))
-                raise DensekitError(f"faiss cannot build factory {factory!r}: {detail}") from None
-        info = {
-            "schema": SCHEMA_VERSION,
-            "backend": backend,
-            "model": spec or "",
-            "model_name": meta.name,
-            "dim": str(meta.dim),
-            "stride": str(meta.stride),
-            "model_meta": meta.to_json(),
-            "factory": factory,
-            "faiss_factory": fstring,
-            "nlist": str(nlist or 0),
-            "train_min": str(_train_min(nlist, uses_pq)),
-            "nprobe": str(nprobe),
-            "ef_search": str(int(ef_search)),
-            "segments_per_image": str(segments_per_image),
-            "spatial_weight": str(float(spatial_weight)),
-            "max_side": str(max_side),
-            "seed": str(seed),
-            "generation": "0",
-            **extra,
-        }
+        def make(state: str) -> SegmentIndex:
+            if state == "whole":
+                raise DensekitError(f"{root} already holds a segment index; open it instead")
+            return cls._create_locked(Path(root), model, spec, extra)
+
+        return cls._under_lock(Path(root), lock_wait, make)
+
+    @classmethod
+    def open_or_create(
+        cls,
+        root: str | os.PathLike[str],
+        model: str | Any | None,
+        *,
+        lock_wait: float = LOCK_WAIT_S,
+        **create_args: Any,
+    ) -> tuple[SegmentIndex, bool]:
+        """A writer's handle on ``root``: the index there, or a new one -> (index, created).
+
+        The choice is made under the writer lock (so two builders at once cannot both create), and a
+        folder left by an interrupted creation is cleared and created afresh. ``create_args`` are
+        :meth:`create`'s keywords; an existing index uses ``threads``, ``uri`` and ``token`` of them.
+        """
+        spec = _CreateSpec(**create_args)
+        created = False
+
+        def make(state: str) -> SegmentIndex:
+            nonlocal created
+            if state == "whole":
+                return cls._open_locked(Path(root), model, spec.threads, None, spec.uri, spec.token, spec.gpu, True)
+            if model is None:
+                raise DensekitError(f"no segment index at {root} yet: a model is needed to create one")
+            created = True
+            return cls._create_locked(Path(root), model, spec, spec.check())
+
+        return cls._under_lock(Path(root), lock_wait, make), created
+
+    @classmethod
+    def _under_lock(
+        cls, root: Path, lock_wait: float, make: Callable[[str], SegmentIndex]
+    ) -> SegmentIndex:
+        """Take ``root``'s writer lock, clear what an interrupted creation left, ``make(state)`` the handle,
+        which keeps the lock. ``state``: "none" or "whole"."""
         made_root = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
-        conn = _connect(root / DB_NAME)
-        self = cls(root, conn, extractor, info, gpu=gpu)
-        collection_made = False
+        lock = WriterLock(root)
+        lock.acquire(lock_wait)
         try:
-            self._check_gpu()
-            if backend == "milvus":
-                from densekit.retrieval.milvus_store import MilvusStore
-
-                self._store = MilvusStore(self, uri=uri, token=token)
-                self._store.create()  # before SQLite, so a refused collection leaves no index behind
-                collection_made = True
-            else:
-                self._store = _FaissStore(self, index)
-            with conn:
-                conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", list(info.items()))
-            if backend == "faiss":
-                self._store.configure()
-                self._store.write_generation(0)
+            state = _index_state(root)
+            if state == "partial":
+                _clear_partial(root)
+                state = "none"
+            idx = make(state)
         except BaseException:
-            if collection_made and uri is not None:
-                try:
-                    self._store.drop()
-                except DensekitError:
-                    log.warning("could not drop Milvus collection %s after a failed create", info["milvus_collection"])
-            self.close()
-            (root / DB_NAME).unlink(missing_ok=True)
-            for suffix in ("-wal", "-shm"):
-                (root / (DB_NAME + suffix)).unlink(missing_ok=True)
-            if backend == "milvus" and uri is None:
-                import shutil
-
-                shutil.rmtree(root / "milvus.db", ignore_errors=True)
             if made_root:
+                lock.remove()  # the folder was ours: leave nothing (under the lock, then released)
                 try:
                     root.rmdir()
                 except OSError:
                     pass
+            lock.release()
+            raise
+        idx._lock = lock
+        return idx
+
+    @classmethod
+    def _create_locked(cls, root: Path, model: str | Any, spec: _CreateSpec, extra: dict[str, str]) -> SegmentIndex:
+        """The creation proper, with the writer lock held and no index in ``root``."""
+        set_threads(spec.threads)
+        extractor, model_spec = _make_extractor(model)
+        index = spec.new_faiss_index(int(extractor.meta.dim)) if spec.backend == "faiss" else None
+        info = spec.info(extractor.meta, model_spec or "", extra)
+        self = cls(root, _connect(root / DB_NAME), extractor, info, gpu=spec.gpu)
+        collection_made = False
+        try:
+            self._check_gpu()
+            if spec.backend == "milvus":
+                from densekit.retrieval.milvus_store import MilvusStore
+
+                self._store = MilvusStore(self, uri=spec.uri, token=spec.token)
+                self._store.create()  # before SQLite, so a refused collection leaves no index behind
+                collection_made = True
+            else:
+                self._store = _FaissStore(self, index)
+            self._write_info()
+        except BaseException:
+            self._undo_create(collection_made and spec.uri is not None)
             raise
         return self
+
+    def _write_info(self) -> None:
+        """The info rows (and FAISS generation 0) in one transaction: an index is whole or absent."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO info(key, value) VALUES (?, ?)", list(self.info.items()))
+        if self.backend == "faiss":
+            self._store.configure()
+            self._store.write_generation(0)
+        kill_point("commit")
+        conn.commit()
+
+    def _undo_create(self, drop_collection: bool) -> None:
+        """Remove what a failed :meth:`_create_locked` wrote (the writer lock is still held)."""
+        if drop_collection:
+            try:
+                self._store.drop()
+            except DensekitError:
+                log.warning("could not drop Milvus collection %s after a failed create", self.info["milvus_collection"])
+        self.close()
+        _clear_partial(self.root, quiet=True)
 
     @classmethod
     def open(
@@ -431,6 +490,8 @@ class SegmentIndex:
         uri: str | None = None,
         token: str | None = None,
         gpu: bool = False,
+        writer: bool = False,
+        lock_wait: float = LOCK_WAIT_S,
     ) -> SegmentIndex:
         """Open an index: read SQLite and the vector store, reconcile them (rebuild/repair if they disagree).
 
@@ -438,37 +499,58 @@ class SegmentIndex:
         index's raises DensekitError. ``ef_search`` overrides the stored HNSW search breadth for this
         handle (:meth:`set_search_params` stores it). ``uri``/``token``: Milvus server address (default:
         the stored one) and token (default ``$DENSEKIT_MILVUS_TOKEN``). ``gpu``: FAISS GPU search.
+
+        Locking: ``writer=True`` holds the folder's writer lock until :meth:`close` (waiting up to
+        ``lock_wait`` s). A reader (the default) repairs the store only when no writer holds the lock,
+        and takes the lock for each :meth:`add_images` / :meth:`remove` of its own.
         """
         root = Path(root)
-        db = root / DB_NAME
         if ef_search is not None and ef_search < 1:
             raise DensekitError("ef_search must be >= 1")
-        if not db.is_file():
+        if not (root / DB_NAME).is_file():
             raise DensekitError(f"no segment index at {root} (missing {DB_NAME})")
+        lock = WriterLock(root)
+        if writer:
+            lock.acquire(lock_wait)
+        repair = writer or lock.try_acquire()
+        try:
+            self = cls._open_locked(root, model, threads, ef_search, uri, token, gpu, repair)
+        except BaseException:
+            lock.release()
+            raise
+        if writer:
+            self._lock = lock
+        else:
+            lock.release()
+        self.lock_wait = lock_wait
+        return self
+
+    @classmethod
+    def _open_locked(
+        cls,
+        root: Path,
+        model: str | Any | None,
+        threads: int | None,
+        ef_search: int | None,
+        uri: str | None,
+        token: str | None,
+        gpu: bool,
+        repair: bool,
+    ) -> SegmentIndex:
+        """Open the index in ``root``; ``repair``: the writer lock is held, so the store may be repaired."""
+        db = root / DB_NAME
         set_threads(threads)
         try:
-            conn = _connect(db)
-            info = dict(conn.execute("SELECT key, value FROM info").fetchall())
+            conn = _connect(db, schema=repair)
+            info = _committed_info(conn)
         except sqlite3.DatabaseError as exc:
             raise DensekitError(f"{db} is not a readable segment index: {_first_line(exc)}") from None
-        if info.get("schema") != SCHEMA_VERSION:
-            raise DensekitError(f"{db}: unknown schema version {info.get('schema')!r}")
-        backend = info.get("backend", "faiss")
-        if backend not in BACKENDS:
-            raise DensekitError(f"{db}: unknown backend {backend!r}")
-        if backend == "faiss" and uri is not None:
-            raise DensekitError(f"{root} uses the faiss backend; a Milvus uri does not apply")
-        if model is None:
-            if not info["model"]:
-                raise DensekitError(f"{root} was built with an in-memory extractor; pass model= to open it")
-            model = info["model"]
-        extractor, _ = _make_extractor(model)
-        meta = extractor.meta
-        if meta.name != info["model_name"] or int(meta.dim) != int(info["dim"]):
-            raise DensekitError(
-                f"index {root} was built with model {info['model_name']!r} (dim {info['dim']}), "
-                f"not {meta.name!r} (dim {meta.dim})"
-            )
+        try:
+            backend = _check_info(root, info, uri)
+            extractor = _matching_extractor(root, info, model)
+        except BaseException:
+            conn.close()
+            raise
         self = cls(root, conn, extractor, info, ef_search=ef_search, gpu=gpu)
         try:
             self._check_gpu()
@@ -478,11 +560,25 @@ class SegmentIndex:
                 self._store = MilvusStore(self, uri=uri, token=token)
             else:
                 self._store = _FaissStore(self)
-            self._store.load()
+            self._store.load(repair=repair)
         except BaseException:
             self.close()
             raise
         return self
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the writer lock for one mutation (a handle from create / ``open(writer=True)`` has it)."""
+        if self._lock is not None and self._lock.held:
+            yield
+            return
+        lock = WriterLock(self.root)
+        lock.acquire(self.lock_wait)
+        try:
+            self._store.load(repair=True)  # another writer may have committed since this handle loaded
+            yield
+        finally:
+            lock.release()
 
     def _check_gpu(self) -> None:
         if not self.gpu:
@@ -549,7 +645,7 @@ class SegmentIndex:
             if conn.in_transaction:
                 conn.rollback()
             # the vector store may hold vectors SQLite no longer has: reload / reconcile the committed state
-            self._store.load()
+            self._store.load(repair=True)  # the writer lock is held (_writing)
             raise
 
     # ------------------------------------------------------------------------------------ adding
@@ -584,11 +680,21 @@ class SegmentIndex:
         reported; the rest are indexed. Work is committed every ``commit_every`` images, so an
         interrupted run keeps what it finished. ``progress(item, added)`` is called per image.
         """
-        from densekit.serve.imageio import read_image
-
         items = list(images)
         if ids is not None and len(ids) != len(items):
             raise DensekitError(f"{len(ids)} ids for {len(items)} images")
+        with self._writing():  # ids and paths are read, and written, by one writer at a time
+            return self._add_locked(items, ids, commit_every, progress)
+
+    def _add_locked(
+        self,
+        items: list[Any],
+        ids: Sequence[int] | None,
+        commit_every: int,
+        progress: Callable[[str, bool], None] | None,
+    ) -> AddReport:
+        from densekit.serve.imageio import read_image
+
         report = AddReport()
         pending: list[_Prepared] = []
         taken_paths = {r[0] for r in self._conn.execute("SELECT path FROM images WHERE path IS NOT NULL")}
@@ -679,6 +785,10 @@ class SegmentIndex:
         ids = [int(i) for i in image_ids]
         if not ids:
             return 0
+        with self._writing():
+            return self._remove_locked(ids)
+
+    def _remove_locked(self, ids: list[int]) -> int:
         conn = self._conn
         q = ",".join("?" * len(ids))
         seg_ids = np.array(
@@ -835,11 +945,14 @@ class SegmentIndex:
 
     def close(self) -> None:
         store, self._store = self._store, None
+        lock, self._lock = self._lock, None
         try:
             if store is not None:
                 store.close()
         finally:
             self._conn.close()
+            if lock is not None:
+                lock.release()  # last: milvus-lite's folder lock is released by store.close()
 
     def __enter__(self) -> SegmentIndex:
         return self
@@ -881,26 +994,43 @@ class _FaissStore:
         n = self.o.n_segments
         return n if self.index.is_trained else 0
 
-    def load(self) -> None:
-        faiss = _faiss()
+    def load(self, repair: bool = True) -> None:
+        """Read the committed generation's file. ``repair`` (the writer lock is held): delete orphans and
+        temp files of interrupted writes, and write a rebuilt index; a reader rebuilds in memory only."""
         gen = self._generation()
-        path = self._file(gen)
-        for stray in self.o.root.glob("segments-*.faiss"):
-            if stray != path:
-                stray.unlink(missing_ok=True)  # orphans of an interrupted commit (module docstring)
-        ok = False
-        if path.is_file():
-            try:
-                self.index = faiss.read_index(str(path))
-                ok = self.index.ntotal == self._expected_ntotal()
-            except RuntimeError:
-                ok = False
+        if repair:
+            self._delete_strays(self._file(gen))
+        ok = self._read(gen)
+        for _ in range(2 if not repair else 0):  # a writer may have committed (and deleted gen's file) meanwhile
+            if ok or self._generation() == gen:
+                break
+            gen = self._generation()
+            ok = self._read(gen)
         if not ok:
             log.warning("segment index %s: FAISS file missing or out of step with SQLite; rebuilding", self.o.root)
             self.rebuild()
-            self.o._conn.execute("BEGIN")
-            self.commit()
+            if repair:
+                self.o._conn.execute("BEGIN")
+                self.commit()
         self.configure()
+
+    def _read(self, gen: int) -> bool:
+        """Read generation ``gen``'s file -> whether it is there and holds SQLite's segments."""
+        path = self._file(gen)
+        if not path.is_file():
+            return False
+        try:
+            self.index = _faiss().read_index(str(path))
+        except RuntimeError:
+            return False
+        return self.index.ntotal == self._expected_ntotal()
+
+    def _delete_strays(self, keep: Path) -> None:
+        """Orphans of an interrupted commit and temp files of an interrupted write (module docstring)."""
+        root = self.o.root
+        for stray in [*root.glob("segments-*.faiss"), *root.glob(".segments-*.faiss.*")]:
+            if stray != keep:
+                stray.unlink(missing_ok=True)
 
     def rebuild(self) -> None:
         self.index = _new_index(self.o.dim, self.o.info["faiss_factory"])
@@ -922,6 +1052,7 @@ class _FaissStore:
     def write_generation(self, gen: int) -> None:
         with atomic_path(self._file(gen)) as tmp:
             _faiss().write_index(self.index, str(tmp))
+            kill_point("write")
 
     def begin(self) -> None:
         pass
@@ -948,6 +1079,7 @@ class _FaissStore:
         new = old + 1
         conn.execute("UPDATE info SET value=? WHERE key='generation'", (str(new),))
         self.write_generation(new)  # step 2: temp file + rename
+        kill_point("commit")
         conn.commit()  # step 3
         self._file(old).unlink(missing_ok=True)  # step 4
 
@@ -1040,14 +1172,253 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, schema: bool = True) -> sqlite3.Connection:
+    """SQLite in WAL mode (readers see the last commit while a writer works); ``schema``: create the
+    tables (writers only: a reader writes nothing)."""
     # isolation_level=None: transactions are opened explicitly (BEGIN) so the commit order is ours
-    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    conn.executescript(_SCHEMA)
+    if schema:
+        conn.executescript(_SCHEMA)
     return conn
+
+# ------------------------------------------------------------------------------- creation, locking
+@dataclass
+class _CreateSpec:
+    """The settings of a new index (:meth:`SegmentIndex.create`'s keywords)."""
+
+    factory: str = "Flat"
+    segments_per_image: int = 15
+    spatial_weight: float = 0.0
+    backend: str = "faiss"
+    uri: str | None = None
+    token: str | None = None
+    collection: str | None = None
+    nprobe: int = 16
+    ef_search: int = DEFAULT_EF_SEARCH
+    max_side: int = 512
+    seed: int = 0
+    threads: int | None = None
+    gpu: bool = False
+
+    def check(self) -> dict[str, str]:
+        """Validate (DensekitError) -> the backend's extra info entries; writes nothing."""
+        if self.segments_per_image < 1:
+            raise DensekitError("segments_per_image must be >= 1")
+        if self.backend not in BACKENDS:
+            raise DensekitError(f"unknown backend {self.backend!r}; use {' or '.join(BACKENDS)}")
+        if self.backend == "faiss" and (self.uri is not None or self.collection is not None):
+            raise DensekitError("uri and collection apply to the milvus backend")
+        if self.ef_search < 1 or self.nprobe < 1:
+            raise DensekitError("ef_search and nprobe must be >= 1")
+        _parse_factory(self.factory)
+        if self.backend != "milvus":
+            return {}
+        from densekit.retrieval.milvus_store import MilvusStore
+
+        return MilvusStore.info_for(self.factory, self.uri, self.collection)
+
+    def new_faiss_index(self, dim: int) -> Any:
+        try:
+            return _new_index(dim, _parse_factory(self.factory)[0])
+        except RuntimeError as exc:
+            detail = re.sub(r"^.*?\.cpp:\d+:\s*", "", _first_line(exc))
+            raise DensekitError(f"faiss cannot build factory {self.factory!r}: {detail}") from None
+
+    def info(self, meta: Any, model_spec: str, extra: dict[str, str]) -> dict[str, str]:
+        """The info rows of the new index (``meta``: the extractor's ModelMeta)."""
+        fstring, nlist, uses_pq = _parse_factory(self.factory)
+        return {
+            "schema": SCHEMA_VERSION,
+            "backend": self.backend,
+            "model": model_spec,
+            "model_name": meta.name,
+            "dim": str(meta.dim),
+            "stride": str(meta.stride),
+            "model_meta": meta.to_json(),
+            "factory": self.factory,
+            "faiss_factory": fstring,
+            "nlist": str(nlist or 0),
+            "train_min": str(_train_min(nlist, uses_pq)),
+            "nprobe": str(self.nprobe),
+            "ef_search": str(int(self.ef_search)),
+            "segments_per_image": str(self.segments_per_image),
+            "spatial_weight": str(float(self.spatial_weight)),
+            "max_side": str(self.max_side),
+            "seed": str(self.seed),
+            "generation": "0",
+            **extra,
+        }
+
+
+class WriterLock:
+    """The advisory writer lock of an index folder: ``DIR/.writer.lock``, held with ``flock``, holding
+    the holder's pid (for the message a second writer gets).
+
+    The kernel drops an flock when its holder dies (kill -9 included), so a lock file left by a dead
+    process is taken over as it stands; no pid liveness guessing. After locking, the file is checked to be
+    the one at the path (the creator of a folder that fails removes it, under the lock), else retried.
+    Without ``fcntl`` (Windows) there is no lock.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+        self._fh: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it -> whether it is held now."""
+        if self._fh is not None or fcntl is None:
+            return self._fh is not None or fcntl is None
+        try:
+            fh = open(self.path, "a+", encoding="ascii")
+        except OSError:  # a folder that cannot be written (a read-only copy): no writer can start either
+            return False
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fh.fileno()).st_ino != os.stat(self.path).st_ino:
+                raise OSError("lock file replaced")
+        except OSError:
+            fh.close()
+            return False
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return True
+
+    def acquire(self, wait_s: float) -> None:
+        """Take the lock, polling for up to ``wait_s`` seconds; then a one-line DensekitError."""
+        deadline = time.monotonic() + max(0.0, float(wait_s))
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise DensekitError(
+                    f"{self.path.parent} is being written by another process ({self._holder()}); "
+                    f"waited {wait_s:g} s, try again when it has finished"
+                )
+            time.sleep(0.1)
+
+    def _holder(self) -> str:
+        try:
+            pid = self.path.read_text(encoding="ascii").strip()
+        except OSError:
+            pid = ""
+        return f"pid {pid}" if pid.isdigit() else "pid unknown"
+
+    def remove(self) -> None:
+        """Delete the lock file (only while holding it; waiters see the inode change and retry)."""
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()  # closing the descriptor drops the flock
+
+
+def _required_info(backend: str) -> set[str]:
+    keys = {"schema", "model", "model_name", "dim", "segments_per_image", "spatial_weight", "max_side", "seed",
+            "nprobe", "faiss_factory", "nlist", "train_min", "generation"}
+    return keys | ({"milvus_collection", "milvus_index"} if backend == "milvus" else set())
+
+
+def _committed_info(conn: sqlite3.Connection) -> dict[str, str]:
+    """The info rows ({} when the table is not there yet: a creation cut short)."""
+    try:
+        return dict(conn.execute("SELECT key, value FROM info").fetchall())
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return {}
+        raise
+
+
+def _is_whole(info: dict[str, str]) -> bool:
+    return _required_info(info.get("backend", "faiss")) <= info.keys()
+
+
+def _index_state(root: Path) -> str:
+    """"none", "partial" (an interrupted creation: info incomplete, no images) or "whole" (any schema)."""
+    db = root / DB_NAME
+    if not db.is_file():
+        return "none"
+    try:
+        conn = _connect(db, schema=False)
+        try:
+            info = _committed_info(conn)
+            images = 0 if _is_whole(info) else _count_rows(conn, "images")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DensekitError(f"{db} is not a readable segment index: {_first_line(exc)}") from None
+    if _is_whole(info):
+        return "whole"
+    if images:
+        raise DensekitError(f"{db}: its info is incomplete but it holds {images} images; not touching it")
+    return "partial"
+
+
+def _count_rows(conn: sqlite3.Connection, table: str) -> int:
+    try:
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _clear_partial(root: Path, quiet: bool = False) -> None:
+    """Delete what an interrupted (or failed) creation left: SQLite files, FAISS files, milvus-lite's folder.
+
+    A collection on a Milvus server named by such a creation is left there (its random name was never
+    committed, so nothing else refers to it)."""
+    import shutil
+
+    if not quiet:
+        log.warning("segment index %s: clearing what an interrupted creation left", root)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        (root / (DB_NAME + suffix)).unlink(missing_ok=True)
+    for f in [*root.glob("segments-*.faiss"), *root.glob(".segments-*.faiss.*")]:
+        f.unlink(missing_ok=True)
+    shutil.rmtree(root / "milvus.db", ignore_errors=True)
+
+
+def _check_info(root: Path, info: dict[str, str], uri: str | None) -> str:
+    """A whole index of a known schema and backend -> the backend; else a one-line DensekitError."""
+    db = root / DB_NAME
+    if not _is_whole(info):
+        raise DensekitError(
+            f"{root}: the index's creation was interrupted or is still running; "
+            "`densekit index build` on it starts it afresh"
+        )
+    if info.get("schema") != SCHEMA_VERSION:
+        raise DensekitError(f"{db}: unknown schema version {info.get('schema')!r}")
+    backend = info.get("backend", "faiss")
+    if backend not in BACKENDS:
+        raise DensekitError(f"{db}: unknown backend {backend!r}")
+    if backend == "faiss" and uri is not None:
+        raise DensekitError(f"{root} uses the faiss backend; a Milvus uri does not apply")
+    return backend
+
+
+def _matching_extractor(root: Path, info: dict[str, str], model: str | Any | None) -> Any:
+    """The extractor of an index: ``model`` or the stored one; a different model is a DensekitError."""
+    if model is None:
+        if not info["model"]:
+            raise DensekitError(f"{root} was built with an in-memory extractor; pass model= to open it")
+        model = info["model"]
+    extractor, _ = _make_extractor(model)
+    meta = extractor.meta
+    if meta.name != info["model_name"] or int(meta.dim) != int(info["dim"]):
+        raise DensekitError(
+            f"index {root} was built with model {info['model_name']!r} (dim {info['dim']}), "
+            f"not {meta.name!r} (dim {meta.dim})"
+        )
+    return extractor
+
 
 
 def _make_extractor(model: str | Any) -> tuple[Any, str | None]:

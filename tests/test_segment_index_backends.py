@@ -231,7 +231,7 @@ def test_crash_before_the_sqlite_commit_leaves_a_consistent_index(
             raise _Crash
 
         store.commit = crash
-        store.load = lambda: None  # a dead process does not get to reconcile in place
+        store.load = lambda **_: None  # a dead process does not get to reconcile in place
         with pytest.raises(_Crash):
             if operation == "add":
                 idx.add_images([_photos()[0]], ids=[500])
