@@ -45,6 +45,9 @@ pending, lists the collection's ids and deletes orphans and re-inserts missing v
 kept in SQLite. A collection that is missing altogether (a deleted ``milvus.db``, a wiped server) is
 recreated and refilled the same way.
 
+Only the holder of the index's writer lock (``DIR/.writer.lock``, see segment_index) reconciles; a reader
+of an index another process is writing (possible with a server) searches the collection as it is.
+
 pymilvus is imported lazily (only when this backend is used) and a missing package is a one-line
 :class:`~densekit.serve.errors.DensekitError`.
 """

@@ -53,6 +53,21 @@ types that cannot remove vectors (HNSW) and the training of IVF indexes. The Mil
 same rule (rows, then vectors, then COMMIT) and reconciles the collection on open, deleting orphans and
 re-inserting missing vectors (:mod:`densekit.retrieval.milvus_store`).
 
+Creation is one SQLite transaction (the info rows, and FAISS generation 0 written before its COMMIT), so
+a kill leaves no index or a whole one. A folder whose info is incomplete (a creation cut short, also by
+older versions that committed the rows one at a time) and which holds no images is cleared by the next
+writer and created afresh; :meth:`SegmentIndex.open` refuses it in one line.
+
+Writers (issue 15): ``DIR/.writer.lock`` is an advisory lock (``flock``, holding the holder's pid).
+:meth:`SegmentIndex.create`, :meth:`SegmentIndex.open_or_create` (``index build``) and ``open(writer=True)``
+hold it for the handle's life; a reader's handle takes it for each of its own mutations. A second writer
+waits up to ``lock_wait`` seconds (then one DensekitError line); a lock left by a dead process is taken
+over (the kernel drops a dead holder's flock). Only the lock holder repairs: deletes orphan generations and
+the temp files (``.segments-<G>.faiss.*``) of interrupted writes, writes a rebuilt index, reconciles
+Milvus. A reader that finds the lock taken reads the last commit as it is (WAL mode) and rebuilds in
+memory if the FAISS file it needs is gone. ``DENSEKIT_TEST_KILL_AT`` (:func:`kill_point`) is a test-only
+crash hook.
+
 IVF indexes (FAISS) are trained on a seeded sample (at most 256 x nlist descriptors, the FAISS
 ``max_points_per_centroid`` default) once the index holds enough descriptors (``train_min``: 39 x nlist,
 and 256 more when PQ codes are used); until then the FAISS index is empty and search is exact over the
